@@ -1,0 +1,55 @@
+# Every target is self-sufficient on a fresh clone: it creates .venv and
+# installs what it needs (pip extras, and Debian packages for system tools).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+APT    := DEBIAN_FRONTEND=noninteractive apt-get -y -q
+
+.PHONY: install run demo serve test soak bench lint clean sysdeps
+
+$(VENV)/.base: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.base
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+$(VENV)/.bench: $(VENV)/.dev
+	$(PY) -m pip install -q -e '.[bench]' || echo "bench: some optional bench packages could not be installed"
+	touch $@
+
+# ss (iproute2) and strace are used by tests; install them when missing.
+sysdeps:
+	@missing=""; \
+	command -v ss >/dev/null || missing="$$missing iproute2"; \
+	command -v strace >/dev/null || missing="$$missing strace"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  ($(APT) update >/dev/null && $(APT) install $$missing >/dev/null) || echo "could not install$$missing"; \
+	fi
+
+install: $(VENV)/.base
+
+run: $(VENV)/.base
+	$(VENV)/bin/reactor demo
+
+serve: $(VENV)/.base
+	$(VENV)/bin/reactor serve
+
+test: $(VENV)/.dev sysdeps
+	$(PY) -m pytest -q
+
+soak: $(VENV)/.dev sysdeps
+	$(PY) -m pytest -q -m soak -p no:cacheprovider --timeout 600
+
+bench: $(VENV)/.bench
+	$(PY) -m bench $(if $(QUICK),--quick,)
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check reactor tests bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
