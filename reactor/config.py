@@ -695,7 +695,8 @@ def load(path: str | os.PathLike) -> Config:
 
 # --- command line ---------------------------------------------------------
 
-# flag dest → (gateway key, value check); argparse already did int/float parsing
+# flag dest → ([gateway] key, flag as typed); argparse already parsed ints and
+# floats, the key's own check then applies the same ranges as in the file
 _CLI_GATEWAY: dict[str, tuple[str, str]] = {
     "balance": ("balance", "--balance"),
     "connect_timeout": ("connect_timeout", "--connect-timeout"),
