@@ -120,7 +120,7 @@ def test_200_clients_random_sizes_echo_intact_none_crossed(spawn, echo_backends)
                     sel.unregister(s)
                     s.close()
                     done += 1
-    for s, (_, want, got, n) in st.items():
+    for _s, (_, want, got, _n) in st.items():
         assert got.hexdigest() == want, "echo differs: corrupted or crossed"
 
 
