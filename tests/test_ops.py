@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 
+import psutil
 import pytest
 
 from reactor import config as configmod
@@ -792,4 +793,185 @@ def test_backends_file_and_watched_config_are_reread_on_change(spawn, tmp_path):
         assert wait_access(g, 4)[3][1] == c.spec
     finally:
         for s in (a, b, c):
+            s.close()
+
+
+# -- 6. workers ------------------------------------------------------------------------------
+
+
+def workers_of(sup_pid: int) -> set[int]:
+    return {p.pid for p in psutil.Process(sup_pid).children() if p.status() != psutil.STATUS_ZOMBIE}
+
+
+def established_on(pid: int, port: int) -> int:
+    return sum(1 for c in psutil.Process(pid).net_connections("tcp")
+               if c.laddr and c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED)
+
+
+def test_workers_share_the_port_survive_a_kill_and_drain_on_sigterm(spawn):
+    srv = echo_server()
+    try:
+        g = spawn("gateway", "--listen", "127.0.0.1:0", "--backend", srv.spec, "--admin", "off",
+                  "--workers", "2", "--idle-timeout", "0")
+        assert f"pid={g.pid} " in g.first_line and g.first_line.rstrip().endswith("workers=2")
+        pids = workers_of(g.pid)
+        assert len(pids) == 2
+        # the kernel spreads connections over both workers' sockets
+        held = []
+        for _ in range(24):
+            c = socket.create_connection(g.addr, timeout=5)
+            c.sendall(b"x")
+            assert c.recv(1) == b"x"
+            held.append(c)
+        per_worker = {pid: established_on(pid, g.addr[1]) for pid in pids}
+        assert sum(per_worker.values()) == 24 and all(per_worker.values()), per_worker
+        for c in held:
+            c.close()
+
+        victim = min(pids)
+        os.kill(victim, signal.SIGKILL)
+        # (a SIGKILL lands asynchronously: connections queued on the victim's socket
+        # until its exit closes it are reset -- SO_REUSEPORT without tcp_migrate_req)
+        wait_for(lambda: not _alive(victim), what="the victim gone")
+        # the port keeps serving while the supervisor restarts the dead worker
+        for i in range(20):
+            assert one_exchange(g.addr, b"after kill %d" % i) == b"after kill %d" % i
+        new = wait_for(lambda: (workers_of(g.pid) - pids) or None, timeout=10, what="a new worker")
+        assert workers_of(g.pid) == (pids - {victim}) | new and len(new) == 1
+        wait_log(g, "event=worker_ready", 3)
+        assert "event=worker_exited slot=" in g.stderr_text() and "signal=9" in g.stderr_text()
+
+        # SIGTERM: a live relay finishes, the port is released at once, exit 0
+        live = socket.create_connection(g.addr, timeout=5)
+        live.sendall(b"before")
+        assert live.recv(6) == b"before"
+        g.signal(signal.SIGTERM)
+        s = wait_for(lambda: _try_bind(g.addr), timeout=3, what="port free after SIGTERM")
+        s.close()
+        live.sendall(b"during drain")
+        assert recv_exact_or_eof(live, 12) == b"during drain"
+        assert g.p.poll() is None
+        live.close()
+        assert g.wait(10) == 0
+        assert not any(_alive(p) for p in pids | new)
+    finally:
+        srv.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def recv_exact_or_eof(sock: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def test_workers_port_in_use_is_a_one_line_error(spawn):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        port = busy.getsockname()[1]
+        r = run_cli("gateway", "--listen", f"127.0.0.1:{port}", "--backend", "127.0.0.1:9",
+                    "--admin", "off", "--workers", "2")
+        assert r.returncode == 2
+        assert r.stderr.splitlines()[-1] == f"reactor gateway: listen 127.0.0.1:{port}: address already in use"
+        assert r.stdout == ""
+    finally:
+        busy.close()
+
+
+def test_sum_stats_adds_real_gateway_stats(inproc):
+    from reactor.supervisor import sum_stats
+
+    srv = echo_server()
+    try:
+        gws = [inproc(make_config([{"address": srv.spec}, {"address": "127.0.0.1:9", "weight": 3}]))
+               for _ in range(2)]
+        for gw, n in zip(gws, (3, 5)):
+            for _ in range(n):
+                assert one_exchange(listen_addr(gw), b"12345") == b"12345"
+        wait_for(lambda: [g.accepted_total for g in gws] == [3, 5] and not any(g.relays for g in gws),
+                 what="relays done")
+        st = [g.stats() for g in gws]
+        total = sum_stats(st)
+        assert total["connections"]["accepted_total"] == 8
+        assert total["connections"]["closed_by_reason"] == {"client_eof": 8}
+        assert total["bytes"] == {"in": 40, "out": 40}
+        by_name = {b["name"]: b for b in total["backends"]}
+        assert by_name[srv.spec]["total"] == 8 and by_name[srv.spec]["bytes_in"] == 40
+        assert by_name["127.0.0.1:9"]["weight"] == 3  # not summed
+        assert len(total["listeners"]) == 2  # two in-process gateways: two addresses
+        assert total["loop"]["lag_max"] == max(s["loop"]["lag_max"] for s in st)
+        assert total["loop"]["syscalls"]["accept"] == sum(s["loop"]["syscalls"]["accept"] for s in st)
+        assert total["balance"] == "round_robin" and total["draining"] is False
+    finally:
+        srv.close()
+
+
+def test_supervisor_admin_sums_the_workers_stats(spawn):
+    pytest.importorskip("reactor.admin")
+    import json
+    import urllib.request
+
+    srv = echo_server()
+    try:
+        g = spawn("gateway", "--listen", "127.0.0.1:0", "--backend", srv.spec,
+                  "--admin", "127.0.0.1:0", "--workers", "2")
+        admin = re.search(r"admin=(\S+)", g.first_line).group(1)
+        for i in range(10):
+            assert one_exchange(g.addr, b"%d" % i) == b"%d" % i
+
+        def stats():
+            with urllib.request.urlopen(f"http://{admin}/stats", timeout=5) as r:
+                return json.loads(r.read())
+        st = wait_for(lambda: (s := stats())["connections"]["accepted_total"] == 10 and s,
+                      what="summed stats")
+        assert len(st["workers"]) == 2 and all(w["stats"] == "ok" for w in st["workers"])
+        assert st["supervisor"]["pid"] == g.pid
+        with urllib.request.urlopen(f"http://{admin}/metrics", timeout=5) as r:
+            assert b"reactor_connections_accepted_total 10" in r.read()
+    finally:
+        srv.close()
+
+
+# -- 7. many instances, one answer -------------------------------------------------------------
+
+
+def test_two_gateways_with_maglev_pick_the_same_backend_per_client(spawn):
+    """No shared state: the maglev table is a function of the backend set, so
+    two instances (given the list in different orders) agree per client IP."""
+    from reactor.balancer import Backend, Balancer
+
+    servers = [echo_server() for _ in range(3)]
+    try:
+        specs = [s.spec for s in servers]
+        g1 = spawn("gateway", "--listen", "127.0.0.1:0", "--admin", "off", "--balance", "maglev",
+                   *(x for s in specs for x in ("--backend", s)))
+        g2 = spawn("gateway", "--listen", "127.0.0.1:0", "--admin", "off", "--balance", "maglev",
+                   *(x for s in reversed(specs) for x in ("--backend", s)))
+        ips = [f"127.0.{1 + i // 200}.{10 + i % 200}" for i in range(60)]
+        for ip in ips:
+            for g in (g1, g2):
+                assert one_exchange(g.addr, b"hi", source=ip) == b"hi"
+        choice = []
+        for g in (g1, g2):
+            lines = wait_access(g, len(ips))
+            choice.append({line[0].rsplit(":", 1)[0]: line[1] for line in lines})
+        assert choice[0] == choice[1]
+        assert set(choice[0].values()) == set(specs)  # and the clients are spread
+        # the same answer again, computed from the backend list alone
+        bal = Balancer([Backend(s.addr) for s in servers], "maglev")
+        assert {ip: bal.maglev_owner(ip).name for ip in ips} == choice[0]
+    finally:
+        for s in servers:
             s.close()

@@ -134,6 +134,20 @@ def run_gateway(cfg: Config, args: argparse.Namespace | None, *, sockets=None,
             return
         disc.reload(new)
 
+    if args is not None and getattr(args, "worker_id", None) is not None:
+        parent = os.getppid()
+
+        def watch_parent() -> None:
+            # a worker whose supervisor was SIGKILLed drains rather than lingers
+            if os.getppid() != parent:
+                log.warning("event=supervisor_gone pid=%d", parent)
+                state["terms"] = 0
+                on_term()
+            elif not gw.draining:
+                loop.call_later(1.0, watch_parent)
+
+        loop.call_later(1.0, watch_parent)
+
     loop.add_signal_handler(signal.SIGTERM, on_term)
     loop.add_signal_handler(signal.SIGINT, on_int)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
