@@ -424,6 +424,7 @@ class _Spoofcheck:
     PROXY header (a spoofing attempt) closes the connection and is counted."""
 
     __slots__ = ("gateway", "relay")
+    eof_ok = True  # EOF before any byte is a clean half-close, not a bad header
 
     def __init__(self, gateway: Gateway, relay: Relay) -> None:
         self.gateway = gateway
