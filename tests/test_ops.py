@@ -575,6 +575,10 @@ def test_proxy_header_from_an_untrusted_source_is_refused_and_counted(inproc):
         wait_for(lambda: gw.reasons["proxy_error"] == 2, what="two PROXY headers rejected")
         assert gw.proxy_rejected == 2
         assert b"".join(seen) == b"plain"  # the spoofed headers never reached the backend
+        # an untrusted client that half-closes before sending a byte is not a bad header
+        assert one_exchange(addr, b"", source="127.0.0.4") == b""
+        wait_for(lambda: gw.reasons["client_eof"] == 2, what="clean close of the empty exchange")
+        assert gw.proxy_rejected == 2 and gw.reasons["proxy_error"] == 2
     finally:
         srv.close()
 
