@@ -63,6 +63,7 @@ from typing import Any
 
 from reactor.addr import bind_error
 from reactor.config import Config
+from reactor.errors import UsageError
 from reactor.listener import _all_interfaces, bind_socket, format_address
 from reactor.loop import EPOLLIN, Loop
 
@@ -326,7 +327,8 @@ class Supervisor:
         how = f"signal={-rc}" if rc < 0 else f"code={rc}"
         if self.phase == "stopping":
             log.info("event=worker_exited slot=%d pid=%d %s", w.slot, w.pid, how)
-            if rc != 0 and self.exit_code == 0:
+            # killed by the forwarded signal before it could install handlers: still a clean stop
+            if rc not in (0, -signal.SIGTERM, -signal.SIGINT) and self.exit_code == 0:
                 self.exit_code = 1
             return
         if self.phase == "starting" and not w.ready:
@@ -365,6 +367,17 @@ class Supervisor:
     def on_hup(self) -> None:
         if self.phase != "running":
             return
+        # Each worker re-reads and applies (or rejects) the config itself; we
+        # read it too only to say what a reload cannot change here.
+        from reactor.commands.gateway import load_config
+
+        try:
+            new = load_config(self.args)
+        except UsageError:
+            pass  # every worker logs the rejection
+        else:
+            if new.gateway.workers != self.n:
+                log.warning("event=reload_ignored key=gateway.workers reason=needs_restart")
         log.info("event=reload_forwarded workers=%d", sum(w.proc is not None for w in self.workers))
         self._send(signal.SIGHUP)
 

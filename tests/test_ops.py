@@ -879,6 +879,27 @@ def recv_exact_or_eof(sock: socket.socket, n: int) -> bytes:
     return buf
 
 
+def test_sighup_to_the_supervisor_reloads_every_worker(spawn, tmp_path):
+    a, b = echo_server(), echo_server()
+    try:
+        conf = tmp_path / "gateway.toml"
+        toml(conf, gateway_toml(a.spec, gateway="workers = 2"))
+        g = spawn("gateway", "--config", str(conf))
+        assert "workers=2" in g.first_line
+        toml(conf, gateway_toml(b.spec, gateway="workers = 3"))
+        g.signal(signal.SIGHUP)
+        wait_log(g, "event=reloaded", 2)  # one line per worker
+        assert "event=reload_ignored key=gateway.workers reason=needs_restart" in g.stderr_text()
+        for i in range(8):
+            assert one_exchange(g.addr, b"%d" % i) == b"%d" % i
+        assert {line[1] for line in wait_access(g, 8)} == {b.spec}
+        g.signal(signal.SIGTERM)
+        assert g.wait(10) == 0
+    finally:
+        a.close()
+        b.close()
+
+
 def test_workers_port_in_use_is_a_one_line_error(spawn):
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
