@@ -36,7 +36,7 @@ What the supervisor does
   over loopback and sums them (counters add up, backends and listeners are
   matched by name and address, maxima such as ``lag_max`` take the max,
   per-worker rows are under ``workers``); ``/metrics`` renders the sum in the
-  same Prometheus format; ``/healthz`` is 503 while draining. The supervisor
+  same Prometheus format; ``/healthz`` says ok. The supervisor
   is not on the data path, so its admin endpoint is a plain threaded
   ``http.server``.
 

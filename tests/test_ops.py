@@ -900,6 +900,16 @@ def test_sighup_to_the_supervisor_reloads_every_worker(spawn, tmp_path):
         b.close()
 
 
+def test_workers_of_a_killed_supervisor_exit_by_themselves(spawn):
+    g = spawn("gateway", "--listen", "127.0.0.1:0", "--backend", "127.0.0.1:9", "--admin", "off",
+              "--workers", "2", "--no-access-log")
+    pids = workers_of(g.pid)
+    assert len(pids) == 2
+    g.kill()
+    wait_for(lambda: not any(_alive(p) for p in pids), timeout=10, what="orphaned workers to exit")
+    assert g.stderr_text().count("event=supervisor_gone") == 2
+
+
 def test_workers_port_in_use_is_a_one_line_error(spawn):
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
