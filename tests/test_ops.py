@@ -293,6 +293,7 @@ def test_reload_under_load_drops_nothing_and_routes_new_connections(spawn, tmp_p
         load.finish()
         load.check()
         assert sum(load.sent) > 4 << 20
+        print(f"reload under load: 3 reloads, 20 streams, {sum(load.sent) / 2**20:.1f} MiB echoed intact")
         streamed = wait_access(g, short_seen + 20)[short_seen:]
         assert collections.Counter(x[5] for x in streamed) == {"client_eof": 20}
         # the 20 relays were spread over a and b at the start and ended intact
