@@ -265,8 +265,8 @@ class Relay:
         if header.src is not None:
             self.client_addr = header.src
             self.local_addr = header.dst
-        if header.payload:
-            self.pending = bytearray(header.payload)
+        if header.rest:
+            self.pending = bytearray(header.rest)
         if not self.gateway.admit(self):
             return
         self.start()
@@ -291,8 +291,10 @@ class Relay:
         if from_client:
             self._client_eof = True
             if self.proxy_parser is not None:
-                self.finish("proxy_error")
-                return
+                if not getattr(self.proxy_parser, "eof_ok", False):
+                    self.finish("proxy_error")
+                    return
+                self.proxy_parser = None  # an untrusted client's EOF before any byte: no header to check
             if self.backend is not None:
                 self.backend.write_eof()
         else:
