@@ -1,0 +1,1 @@
+"""One module per `reactor` subcommand: ``add_arguments(parser)`` and ``run(args)``."""

@@ -1,0 +1,342 @@
+"""One non-blocking socket: read into a shared buffer, write now or queue the tail.
+
+A ``Stream`` calls its *protocol* (any object with the methods below) as
+asyncio's selector transports do:
+
+    protocol.data_received(view)   a memoryview into the loop's shared receive
+                                   buffer, valid only during the call: consume
+                                   or copy it before returning
+    protocol.eof_received()        the peer sent FIN (we stop reading)
+    protocol.connection_lost(exc)  a fatal error (RST, EPIPE…); the stream is
+                                   already closed when this runs
+    protocol.pause_writing()       our outbound queue passed the high watermark
+    protocol.resume_writing()      …and drained to the low watermark
+
+The data path is deliberately short: one ``recv_into`` per readiness event
+(never a second, speculative one that would return EAGAIN), and ``write``
+tries ``send`` at once, queueing only the unsent tail and asking epoll for
+*writable* only while a tail exists.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from typing import Any
+
+from reactor.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Loop
+
+log = logging.getLogger("reactor.stream")
+
+RECV_SIZE = 65536
+DEFAULT_HIGH_WATER = 256 * 1024
+
+_TCP_NODELAY = socket.TCP_NODELAY
+_IPPROTO_TCP = socket.IPPROTO_TCP
+
+
+def shared_recv_buffer(loop: Loop) -> memoryview:
+    """One receive buffer per loop, shared by every stream on it.
+
+    Discussion: a relay consumes what it reads before the handler returns (it
+    sends it on, or copies the unsent tail into the peer's queue), so one
+    buffer serves every connection. Per-connection memory then holds only
+    data the kernel would not take -- the lever that keeps an idle connection
+    well under a kilobyte of Python state.
+    """
+    view = getattr(loop, "_recv_view", None)
+    if view is None:
+        view = memoryview(bytearray(RECV_SIZE))
+        loop._recv_view = view  # type: ignore[attr-defined]
+    return view
+
+
+class Stream:
+    """A connected, non-blocking TCP (or UNIX) socket driven by the loop."""
+
+    __slots__ = (
+        "loop", "sock", "fd", "protocol", "role", "_mask", "_wbuf", "_reading",
+        "_eof_sent", "_eof_pending", "_eof_received", "_closed", "_paused_peer",
+        "_high", "_low", "_parked", "_recv_into", "_send", "_view", "_sc",
+        "bytes_in", "bytes_out",
+    )
+
+    def __init__(self, loop: Loop, sock: socket.socket, protocol: Any = None, *,
+                 role: str = "client", high_water: int = DEFAULT_HIGH_WATER,
+                 low_water: int | None = None, nodelay: bool = True, start: bool = True) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.protocol = protocol
+        self.role = role
+        self._mask = 0
+        self._wbuf: bytearray | None = None
+        self._reading = False
+        self._eof_sent = False
+        self._eof_pending = False
+        self._eof_received = False
+        self._closed = False
+        self._paused_peer = False
+        self._parked = False
+        self._high = high_water
+        self._low = high_water // 4 if low_water is None else low_water
+        self._recv_into = sock.recv_into
+        self._send = sock.send
+        self._view = shared_recv_buffer(loop)
+        self._sc = loop.syscalls
+        self.bytes_in = 0
+        self.bytes_out = 0
+        if nodelay and sock.family != socket.AF_UNIX:
+            try:
+                sock.setsockopt(_IPPROTO_TCP, _TCP_NODELAY, 1)
+                self._sc["setsockopt"] += 1
+            except OSError:
+                pass
+        if start:
+            self.start(protocol)
+
+    # -- setup -------------------------------------------------------------
+
+    def start(self, protocol: Any) -> None:
+        """Begin reading and delivering to ``protocol``."""
+        self.protocol = protocol
+        self._reading = True
+        self._mask = EPOLLIN
+        self.loop.register(self.fd, EPOLLIN, self._on_event)
+
+    # -- state -------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def buffered(self) -> int:
+        """Bytes queued for the kernel, not yet sent."""
+        return len(self._wbuf) if self._wbuf else 0
+
+    @property
+    def reading(self) -> bool:
+        return self._reading
+
+    @property
+    def eof_sent(self) -> bool:
+        return self._eof_sent
+
+    @property
+    def eof_received(self) -> bool:
+        return self._eof_received
+
+    def __repr__(self) -> str:
+        if self._closed:
+            return f"<Stream {self.role} closed in={self.bytes_in} out={self.bytes_out}>"
+        read = "polling" if self._reading else ("eof" if self._eof_received else "paused")
+        if self._wbuf:
+            write = f"<polling, bufsize={len(self._wbuf)}>"
+        elif self._eof_sent:
+            write = "shut"
+        else:
+            write = "<idle, bufsize=0>"
+        return (f"<Stream {self.role} fd={self.fd} read={read} write={write} "
+                f"in={self.bytes_in} out={self.bytes_out}>")
+
+    # -- epoll ------------------------------------------------------------
+
+    def _set_mask(self, mask: int) -> None:
+        if mask != self._mask:
+            self._mask = mask
+            if not self._parked:
+                self.loop.modify(self.fd, mask)
+
+    def _on_event(self, events: int) -> None:
+        if events & EPOLLERR:
+            # The kernel has a pending error (RST, unreachable): reading it out
+            # through recv gives the real errno for the log and the close reason.
+            self._read_error()
+            return
+        if events & EPOLLOUT:
+            self._on_writable()
+            if self._closed:
+                return
+        if events & EPOLLIN:
+            self._on_readable()
+        elif events & EPOLLHUP and not self._reading:
+            # HUP is reported whatever the mask says; with reading paused the
+            # fd would be reported on every wait (a busy loop). Park it: out of
+            # epoll until reading resumes. See loop.py "fd reuse and epoll".
+            self._park()
+
+    def _park(self) -> None:
+        if not self._parked:
+            self.loop.unregister(self.fd)
+            self._parked = True
+
+    def _read_error(self) -> None:
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        self._sc["getsockopt"] += 1
+        exc = ConnectionResetError(err, errno.errorcode.get(err, str(err))) if err else ConnectionResetError(
+            errno.ECONNRESET, "connection reset")
+        self._fatal(exc)
+
+    # -- reading -----------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        try:
+            n = self._recv_into(self._view)
+        except (BlockingIOError, InterruptedError):
+            self._sc["recv"] += 1
+            return
+        except OSError as exc:
+            self._sc["recv"] += 1
+            self._fatal(exc)
+            return
+        self._sc["recv"] += 1
+        if n:
+            self.bytes_in += n
+            self.protocol.data_received(self._view[:n])
+        else:
+            self._eof_received = True
+            self._reading = False
+            self._set_mask(self._mask & ~EPOLLIN)
+            self.protocol.eof_received()
+
+    def pause_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            self._set_mask(self._mask & ~EPOLLIN)
+
+    def resume_reading(self) -> None:
+        if not self._reading and not self._eof_received and not self._closed:
+            self._reading = True
+            mask = self._mask | EPOLLIN
+            if self._parked:
+                self._parked = False
+                self._mask = mask
+                self.loop.register(self.fd, mask, self._on_event)
+            else:
+                self._set_mask(mask)
+
+    # -- writing -----------------------------------------------------------
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Send now; queue only what the kernel did not take."""
+        if self._closed or self._eof_sent or self._eof_pending:
+            return
+        wbuf = self._wbuf
+        if wbuf:
+            wbuf += data
+            if not self._paused_peer and len(wbuf) > self._high:
+                self._paused_peer = True
+                self.protocol.pause_writing()
+            return
+        try:
+            n = self._send(data)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError as exc:
+            self._sc["send"] += 1
+            self._fatal(exc)
+            return
+        self._sc["send"] += 1
+        self.bytes_out += n
+        if n == len(data):
+            return
+        self._wbuf = bytearray(data[n:])
+        self._set_mask(self._mask | EPOLLOUT)
+        if len(self._wbuf) > self._high and not self._paused_peer:
+            self._paused_peer = True
+            self.protocol.pause_writing()
+
+    def _on_writable(self) -> None:
+        wbuf = self._wbuf
+        if wbuf:
+            try:
+                n = self._send(wbuf)
+            except (BlockingIOError, InterruptedError):
+                self._sc["send"] += 1
+                return
+            except OSError as exc:
+                self._sc["send"] += 1
+                self._fatal(exc)
+                return
+            self._sc["send"] += 1
+            self.bytes_out += n
+            del wbuf[:n]  # O(1): bytearray trims its head in place
+            if self._paused_peer and len(wbuf) <= self._low:
+                self._paused_peer = False
+                self.protocol.resume_writing()
+                if self._closed:
+                    return
+            if wbuf:
+                return
+        self._wbuf = None
+        self._set_mask(self._mask & ~EPOLLOUT)
+        if self._eof_pending:
+            self._shutdown_now()
+
+    def write_eof(self) -> None:
+        """Half-close: ``shutdown(SHUT_WR)`` once the queue has drained."""
+        if self._closed or self._eof_sent or self._eof_pending:
+            return
+        if self._wbuf:
+            self._eof_pending = True
+        else:
+            self._shutdown_now()
+
+    def _shutdown_now(self) -> None:
+        self._eof_pending = False
+        self._eof_sent = True
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            self._sc["shutdown"] += 1
+            if exc.errno != errno.ENOTCONN:
+                self._fatal(exc)
+            return
+        self._sc["shutdown"] += 1
+        on_sent = getattr(self.protocol, "eof_sent", None)
+        if on_sent is not None:
+            on_sent()
+
+    # -- closing -----------------------------------------------------------
+
+    def close(self, abort: bool = False) -> None:
+        """Close exactly once; unregister first (fd reuse, see loop.py).
+
+        ``abort`` sends RST instead of FIN (SO_LINGER 0), dropping anything
+        queued -- used when the other side of a relay was reset, so the peer
+        learns the stream is broken rather than seeing a clean end.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._reading = False
+        if not self._parked:
+            self.loop.unregister(self.fd)
+        self._parked = False
+        if abort:
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+                self._sc["setsockopt"] += 1
+            except OSError:
+                pass
+        self._wbuf = None
+        self.sock.close()
+        self._sc["close"] += 1
+
+    def _fatal(self, exc: BaseException) -> None:
+        if self._closed:
+            return
+        self.close()
+        self.protocol.connection_lost(exc)
+
+
+def make_nonblocking_connect(loop: Loop, address: tuple[str, int], family: int) -> tuple[socket.socket, int]:
+    """Create a socket and start a non-blocking connect; returns (sock, errno)."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    loop.syscalls["socket"] += 1
+    sock.setblocking(False)
+    err = sock.connect_ex(address)
+    loop.syscalls["connect"] += 1
+    return sock, err

@@ -1,0 +1,177 @@
+"""The loop's ordering guarantees, as traces (curio-style: append, then assert the whole list)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from reactor.loop import EPOLLIN, EPOLLOUT, Loop
+
+
+@pytest.fixture
+def loop():
+    lp = Loop()
+    yield lp
+    lp.close()
+
+
+def test_ready_queue_is_fifo_and_later_additions_wait_a_turn(loop):
+    results = []
+
+    def a():
+        results.append("a")
+        loop.call_soon(lambda: results.append("c (scheduled by a)"))
+
+    loop.call_soon(a)
+    loop.call_soon(lambda: results.append("b"))
+    loop.call_soon(lambda: loop.call_soon(loop.stop))
+    loop.run()
+    assert results == ["a", "b", "c (scheduled by a)"]
+
+
+def test_timers_fire_in_deadline_order_equal_deadlines_fifo(loop):
+    results = []
+    now = loop.time()
+    loop.call_at(now + 0.03, results.append, "t30")
+    loop.call_at(now + 0.01, results.append, "t10-first")
+    loop.call_at(now + 0.01, results.append, "t10-second")
+    loop.call_at(now + 0.01, results.append, "t10-third")
+    loop.call_at(now + 0.02, results.append, "t20")
+    loop.call_at(now + 0.04, loop.stop)
+    loop.call_soon(results.append, "soon")
+    loop.run()
+    assert results == ["soon", "t10-first", "t10-second", "t10-third", "t20", "t30"]
+
+
+def test_cancelled_handles_never_run(loop):
+    results = []
+    h1 = loop.call_soon(results.append, "cancelled-soon")
+    h2 = loop.call_later(0.01, results.append, "cancelled-timer")
+    loop.call_later(0.005, results.append, "kept")
+    h1.cancel()
+    loop.cancel_timer(h2)
+    loop.call_later(0.03, loop.stop)
+    loop.run()
+    assert results == ["kept"]
+    assert loop.statistics()["timers"] == 0
+
+
+def test_mass_cancel_compacts_heap(loop):
+    handles = [loop.call_later(100, lambda: None) for _ in range(1000)]
+    for h in handles[:900]:
+        loop.cancel_timer(h)
+    # dead entries were shed: the heap is not carrying 900 corpses
+    assert len(loop._timers) < 500
+    assert loop.statistics()["timers"] == 100
+
+
+def test_io_then_timers_then_ready_in_one_turn(loop):
+    results = []
+    a, b = socket.socketpair()
+    try:
+        b.send(b"x")
+
+        def on_read(mask):
+            results.append(("read", mask & EPOLLIN != 0))
+            a.recv(1)
+            loop.unregister(a.fileno())
+
+        loop.register(a.fileno(), EPOLLIN, on_read)
+        loop.call_soon(results.append, "ready")
+        loop.call_at(loop.time() - 1, results.append, "overdue-timer")
+        loop.call_later(0.02, loop.stop)
+        loop.run()
+    finally:
+        a.close()
+        b.close()
+    # the first turn polls with timeout 0 (work is ready), dispatches I/O,
+    # moves the overdue timer to the ready queue, then runs the ready queue
+    assert results == [("read", True), "ready", "overdue-timer"]
+
+
+def test_modify_changes_interest_without_reregistering(loop):
+    results = []
+    a, b = socket.socketpair()
+    try:
+        def on_event(mask):
+            results.append("out" if mask & EPOLLOUT else "in")
+            if mask & EPOLLOUT:
+                loop.modify(a.fileno(), EPOLLIN)   # stop asking for writable
+                b.send(b"!")
+            else:
+                loop.unregister(a.fileno())
+                loop.stop()
+
+        loop.register(a.fileno(), EPOLLOUT, on_event)
+        ctl_before = loop.syscalls["epoll_ctl"]
+        loop.modify(a.fileno(), EPOLLOUT)  # unchanged: no syscall
+        assert loop.syscalls["epoll_ctl"] == ctl_before
+        loop.run()
+    finally:
+        a.close()
+        b.close()
+    assert results == ["out", "in"]
+
+
+def test_signals_run_as_ordinary_callbacks(loop):
+    results = []
+    loop.add_signal_handler(signal.SIGHUP, lambda: results.append("hup"))
+    loop.add_signal_handler(signal.SIGUSR1, lambda: (results.append("usr1"), loop.stop()))
+    loop.call_soon(os.kill, os.getpid(), signal.SIGHUP)
+    loop.call_later(0.02, os.kill, os.getpid(), signal.SIGUSR1)
+    loop.call_later(5, loop.stop)  # safety net
+    loop.run()
+    assert results == ["hup", "usr1"]
+
+
+def test_call_soon_threadsafe_wakes_a_blocked_loop(loop):
+    results = []
+
+    def from_thread():
+        time.sleep(0.05)
+        loop.call_soon_threadsafe(results.append, "from-thread")
+        loop.call_soon_threadsafe(loop.stop)
+
+    t = threading.Thread(target=from_thread)
+    start = time.monotonic()
+    t.start()
+    loop.run()  # no timers, no I/O: blocks in epoll_wait until woken
+    t.join()
+    assert results == ["from-thread"]
+    assert time.monotonic() - start < 2
+
+
+def test_exception_in_callback_does_not_kill_loop(loop, caplog):
+    results = []
+    loop.call_soon(lambda: 1 / 0)
+    loop.call_soon(results.append, "after")
+    loop.call_soon(lambda: loop.call_soon(loop.stop))
+    loop.run()
+    assert results == ["after"]
+    assert "callback_error" in caplog.text
+
+
+def test_statistics_count_syscalls_and_lag(loop):
+    loop.call_later(0.01, lambda: None)
+    loop.call_later(0.02, loop.stop)
+    loop.run()
+    st = loop.statistics()
+    assert st["iterations"] >= 2
+    assert st["syscalls"]["epoll_wait"] == st["iterations"]
+    assert st["lag_max"] >= 0
+    assert st["ready"] == 0 and st["timers"] == 0
+    assert set(st["syscalls"]) >= {"epoll_wait", "accept", "recv", "send", "connect", "shutdown", "close"}
+
+
+def test_idle_loop_blocks_rather_than_spins(loop):
+    loop.call_later(0.3, loop.stop)
+    t0 = time.process_time()
+    loop.run()
+    cpu = time.process_time() - t0
+    assert loop.statistics()["iterations"] <= 3
+    assert cpu < 0.1
