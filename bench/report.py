@@ -160,9 +160,9 @@ for _c in (1, 50, 500):
         (f"pp{_c}.user", f"pingpong {_c}:  user µs/msg", "n"),
         (f"pp{_c}.sys", f"pingpong {_c}:  sys µs/msg", "n"),
         (f"pp{_c}.bound", f"pingpong {_c}: bound (proxy/load cores)", "s"),
+        (f"pp{_c}.self", f"pingpong {_c}: own-counted syscalls/msg", "n"),
     ]
 ROWS += [
-    ("pp50.self", "pingpong 50: self-counted syscalls/msg", "n"),
     ("bulk.mbs", "bulk: MB/s", "n"),
     ("bulk.cpu", "bulk: CPU s/GB", "n"),
     ("bulk.bound", "bulk: bound (proxy/load cores)", "s"),
@@ -232,6 +232,48 @@ def tables(data: dict) -> dict[str, str]:
     return out
 
 
+# The figures the performance work tracks, for our gateway beside HAProxy.
+HEADLINE: list[tuple[str, str]] = [
+    ("sys.total", "syscalls per msg, pingpong 50 steady state (strace)"),
+    ("sys.self", "syscalls per msg, same window (own counters)"),
+    ("pp50.user", "user CPU µs/msg, pingpong 50"),
+    ("pp50.sys", "system CPU µs/msg, pingpong 50"),
+    ("pp500.cpu", "CPU µs/msg, pingpong 500"),
+    ("pp1.p99", "p99 latency µs, pingpong 1"),
+    ("bulk.cpu", "CPU s/GB, bulk"),
+    ("churn.cpu", "CPU µs/connection, churn"),
+    ("idle.per_conn", "RSS KiB/connection, idle"),
+]
+
+
+def headline(data: dict) -> str | None:
+    summary = data["summary"]
+    rx, hp = summary.get("reactor"), summary.get("haproxy")
+    if not rx:
+        return None
+    hp = hp or {}
+    rows = []
+    for key, label in HEADLINE:
+        v, h = rx.get(key), hp.get(key)
+        rows.append([label, fmt(v), fmt(h), "—" if v is None or not h else f"{v / h:.2f}"])
+    w2 = summary.get("reactor-w2", {}).get("pp500.msgs")
+    w1 = rx.get("pp500.msgs")
+    rows.append(
+        [
+            "msg/s at pingpong 500, --workers 2 ÷ --workers 1",
+            "—" if not (w1 and w2) else f"{w2 / w1:.2f}",
+            "",
+            "",
+        ]
+    )
+    return tabulate(
+        rows,
+        headers=["reactor headline", "reactor", "haproxy", "reactor ÷ haproxy"],
+        tablefmt="github",
+        disable_numparse=True,
+    )
+
+
 def notes(data: dict) -> list[str]:
     s = data["settings"]
     lines = [
@@ -263,6 +305,8 @@ def render(data: dict) -> str:
     parts = []
     for title, table in tables(data).items():
         parts.append(table if title == "figures" else f"{title}\n{table}")
+    if (h := headline(data)) is not None:
+        parts.append(h)
     parts.append("\n".join(notes(data)))
     return "\n\n".join(parts)
 

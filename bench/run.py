@@ -190,6 +190,7 @@ class Harness:
             goseed_note=self.tools.goseed_note,
             workdir=self.workdir,
             max_conns=self.settings.idle_conns + 64,
+            reactor_dir=(args.reactor_dir or REPO_DIR).resolve(),
         )
         self.echo: subprocess.Popen | None = None
         self.backends: list[tuple[str, int]] = []
@@ -224,11 +225,16 @@ class Harness:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env={**os.environ, **launch.env},
-                cwd=REPO_DIR,
+                cwd=launch.cwd,
                 preexec_fn=pin(self.proxy_cpus_for(peer)),
             )
         try:
             wait_port(port, proc, 20, log)
+            # a proxy that binds, then fails later in its start-up, must not pass for running
+            time.sleep(0.05)
+            if proc.poll() is not None:
+                tail = log.read_text(errors="replace").strip().splitlines()[-1:]
+                raise RunError(f"exited with {proc.returncode} after binding: {' '.join(tail)}")
             admin_port = launch.admin_port
             if admin_port is not None:
                 try:
@@ -279,8 +285,17 @@ class Harness:
             rec["error"] = str(e)
         finally:
             if proxy is not None:
+                died = proxy.poll()
                 stop(proxy)
                 rec["proxy_exit"] = proxy.returncode
+                if died is not None:
+                    log = self.workdir / f"{peer.name}-{workload}.log"
+                    tail = (
+                        log.read_text(errors="replace").strip().splitlines()[-1:]
+                        if log.exists()
+                        else []
+                    )
+                    rec["error"] = f"proxy exited with {died} during the run: {' '.join(tail)}"
         return rec
 
     def loadgen(self, mode: str, port: int, conns: int, **kw) -> Loadgen:
@@ -512,6 +527,11 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         default=Path(__file__).resolve().parent / "results",
         help="directory for the JSON and PNG results",
+    )
+    ap.add_argument(
+        "--reactor-dir",
+        type=Path,
+        help="checkout whose reactor package to benchmark (default: this one)",
     )
     args = ap.parse_args(argv)
     try:

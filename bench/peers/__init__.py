@@ -26,7 +26,8 @@ class Context:
     goseed: Path | None
     goseed_note: str
     workdir: Path  # scratch files (the haproxy config)
-    max_conns: int  # haproxy's maxconn: must cover the idle workload
+    max_conns: int  # haproxy's maxconn (and reactor's): must cover the idle workload
+    reactor_dir: Path = REPO_DIR  # the checkout whose `reactor` package is benchmarked
 
 
 @dataclass(slots=True)
@@ -34,6 +35,7 @@ class Launch:
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
     admin_port: int | None = None
+    cwd: Path = REPO_DIR
 
 
 @dataclass(slots=True)
@@ -64,6 +66,8 @@ def _first_line(argv: list[str]) -> str:
     try:
         r = subprocess.run(argv, capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired):
+        return ""
+    if r.returncode != 0:
         return ""
     out = (r.stdout or r.stderr).strip().splitlines()
     return out[0].strip() if out else ""
@@ -165,7 +169,7 @@ class Reactor(Peer):
                     capture_output=True,
                     text=True,
                     timeout=30,
-                    cwd=REPO_DIR,
+                    cwd=ctx.reactor_dir,
                 )
                 self._help = r.stdout if r.returncode == 0 else ""
             except (OSError, subprocess.TimeoutExpired):
@@ -173,7 +177,10 @@ class Reactor(Peer):
         return self._help
 
     def missing(self, ctx: Context) -> str | None:
-        if importlib.util.find_spec("reactor") is None:
+        if (
+            importlib.util.find_spec("reactor") is None
+            and not (ctx.reactor_dir / "reactor").is_dir()
+        ):
             return "the reactor package is not installed (make install)"
         h = self._gateway_help(ctx)
         if "--backend" not in h:
@@ -183,8 +190,21 @@ class Reactor(Peer):
         return None
 
     def version(self, ctx: Context) -> str:
-        v = _first_line([ctx.python, "-m", "reactor", "--version"])
-        sha = _first_line(["git", "-C", str(REPO_DIR), "rev-parse", "--short", "HEAD"])
+        try:
+            r = subprocess.run(
+                [ctx.python, "-m", "reactor", "--version"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                cwd=ctx.reactor_dir,
+            )
+            v = r.stdout.strip() or r.stderr.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            v = "reactor"
+        sha = _first_line(["git", "-C", str(ctx.reactor_dir), "rev-parse", "--short", "HEAD"])
+        dirty = _first_line(["git", "-C", str(ctx.reactor_dir), "status", "--porcelain", "reactor"])
+        if sha and dirty:
+            sha += "+uncommitted changes"
         return f"{v} ({sha})" if sha else v
 
     def launch(self, ctx, port, backends, admin_port):
@@ -196,10 +216,14 @@ class Reactor(Peer):
             argv += ["--balance", "round_robin"]
         if "--workers" in h:
             argv += ["--workers", str(self.workers)]
+        if "--max-connections" in h:
+            argv += ["--max-connections", str(ctx.max_conns)]
+        if "--no-access-log" in h:
+            argv.append("--no-access-log")  # no peer logs per connection: haproxy has no `log`
         use_admin = "--admin" in h
         if use_admin:
             argv += ["--admin", f"127.0.0.1:{admin_port}"]
-        return Launch(argv, admin_port=admin_port if use_admin else None)
+        return Launch(argv, admin_port=admin_port if use_admin else None, cwd=ctx.reactor_dir)
 
 
 def all_peers() -> list[Peer]:
