@@ -58,13 +58,16 @@ def wait_port(
 
 
 def stop(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
-    """SIGTERM the process and every descendant (by pid), SIGKILL what outlives grace_s."""
+    """SIGINT the process and every descendant (by pid), SIGKILL what outlives grace_s.
+
+    SIGINT, not SIGTERM: the gateway drains on SIGTERM (seconds of grace), and every
+    peer takes SIGINT as "stop now"."""
     if proc.poll() is not None:
         return
     pids = procstat.tree(proc.pid)
     for p in pids:
         try:
-            os.kill(p, signal.SIGTERM)
+            os.kill(p, signal.SIGINT)
         except ProcessLookupError:
             pass
     try:

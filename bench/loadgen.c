@@ -48,6 +48,7 @@ enum cstate { C_NONE, C_CONNECTING, C_READY, C_WAIT, C_DEAD };
 #define NBUCKETS (OCTAVES * SUB)
 #define MAX_CONNECTING 256
 #define BULK_WINDOW (4u << 20)
+#define IDLE_SETUP_NS 5000000000ull /* an idle connection not echoing by then has failed */
 
 struct conn {
     int fd;
@@ -332,6 +333,19 @@ static void cycle_event(struct conn *c, uint32_t evs) {
     if (churn_may_issue()) cycle_start(c);
 }
 
+/* A proxy that cannot accept (EMFILE) leaves connections in its backlog: the kernel
+ * completed the handshake, but no echo ever comes. Fail them after IDLE_SETUP_NS. */
+static void idle_reap(uint64_t now) {
+    static uint64_t last;
+    if (now - last < 200000000ull) return;
+    last = now;
+    for (long long i = 0; i < connect_started; i++) {
+        struct conn *c = &conns[i];
+        if ((c->st == C_CONNECTING || c->st == C_WAIT) && c->fd >= 0 && now - c->t0 > IDLE_SETUP_NS)
+            cycle_fail(c);
+    }
+}
+
 /* ---- phases ---- */
 
 static void json_result(const char *event) {
@@ -410,6 +424,12 @@ static void end_measure(uint64_t now) {
 /* Connections are opened at most MAX_CONNECTING at a time: a burst of 10,000 SYNs would
  * overflow the proxy's accept backlog and turn into one-second SYN retransmits. */
 static void connect_more(void) {
+    /* A proxy out of fds fails every further attempt: stop early and report what it held. */
+    long long max_failed = nconns / 100 > 50 ? nconns / 100 : 50;
+    if (mode == IDLE && connect_failed >= max_failed) {
+        while (connect_started < nconns) conns[connect_started++].st = C_DEAD;
+        return;
+    }
     while (connecting_now < MAX_CONNECTING && connect_started < nconns) {
         struct conn *c = &conns[connect_started];
         if (mode == IDLE) { cycle_start(c); continue; }
@@ -562,6 +582,7 @@ int main(int argc, char **argv) {
             else bulk_event(c, e);
         }
         if (phase == P_CONNECT) connect_more();
+        if (phase == P_CONNECT && mode == IDLE) idle_reap(now_ns());
         /* churn workers whose cycle failed restart here, not recursively */
         if (mode == CHURN && issuing)
             for (int i = 0; i < nconns; i++)

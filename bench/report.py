@@ -298,6 +298,19 @@ def notes(data: dict) -> list[str]:
     for rec in data["runs"]:
         if "error" in rec:
             lines.append(f"failed {rec['peer']} {rec['workload']}: {rec['error']}")
+        elif rec["workload"] == "idle" and "idle" in rec:
+            got, want = rec["idle"]["connected"], rec["params"]["conns"]
+            if got < want:
+                lines.append(
+                    f"{rec['peer']} idle: held {got} of {want} connections "
+                    f"({rec['ready']['connect_failed']} failed); its log: "
+                    f"{' / '.join(rec.get('proxy_log_tail') or ['(empty)'])}"
+                )
+        elif rec.get("result", {}).get("errors"):
+            lines.append(
+                f"{rec['peer']} {rec['workload']} round {rec.get('round', 0) + 1}: "
+                f"{rec['result']['errors']} connections lost or cycles failed"
+            )
     return lines
 
 

@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -52,7 +53,7 @@ def settings_for(quick: bool, fd_limit: int) -> Settings:
             duration=0.6, warmup=0.2, rounds=1, idle_conns=min(2000, idle_cap), strace_count=2000
         )
     return Settings(
-        duration=1.5, warmup=0.4, rounds=3, idle_conns=min(10000, idle_cap), strace_count=5000
+        duration=1.2, warmup=0.3, rounds=3, idle_conns=min(10000, idle_cap), strace_count=5000
     )
 
 
@@ -288,14 +289,13 @@ class Harness:
                 died = proxy.poll()
                 stop(proxy)
                 rec["proxy_exit"] = proxy.returncode
+                log = self.workdir / f"{peer.name}-{workload}.log"
+                lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+                rec["proxy_log_tail"] = [line[:300] for line in lines[-2:]]
                 if died is not None:
-                    log = self.workdir / f"{peer.name}-{workload}.log"
-                    tail = (
-                        log.read_text(errors="replace").strip().splitlines()[-1:]
-                        if log.exists()
-                        else []
+                    rec["error"] = (
+                        f"proxy exited with {died} during the run: {' '.join(lines[-1:])}"
                     )
-                    rec["error"] = f"proxy exited with {died} during the run: {' '.join(tail)}"
         return rec
 
     def loadgen(self, mode: str, port: int, conns: int, **kw) -> Loadgen:
@@ -498,14 +498,18 @@ class Harness:
                     progress.note("bench: echo backends died; restarting them")
                     self.start_echo()
                 progress.step(f"round {r + 1}  {w:<13} {p.name}")
+                t = time.monotonic()
                 rec = self.run_pair(p, w)
                 rec["round"] = r
+                rec["elapsed_s"] = round(time.monotonic() - t, 3)
                 if "error" in rec:
                     progress.note(f"bench: {p.name} {w}: {rec['error']}")
                 out["runs"].append(rec)
         finally:
             stop(self.echo)
             progress.done()
+            if not self.args.keep:
+                shutil.rmtree(self.workdir, ignore_errors=True)
         out["elapsed_s"] = time.monotonic() - t0
         return out
 
@@ -532,6 +536,11 @@ def main(argv: list[str] | None = None) -> int:
         "--reactor-dir",
         type=Path,
         help="checkout whose reactor package to benchmark (default: this one)",
+    )
+    ap.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the scratch directory (peer logs, configs, strace output)",
     )
     args = ap.parse_args(argv)
     try:
