@@ -290,11 +290,24 @@ def notes(data: dict) -> list[str]:
         "other processes' work: the machine is shared); figures are proxy/load cores, and "
         "'other' the cores used by processes outside the bench in that window.",
     ]
+    if "background_cores" in data:
+        lines.append(
+            f"background load before the run: {data['background_cores']:.2f} cores busy "
+            "(processes outside the bench)"
+        )
     for name, v in data.get("versions", {}).items():
         if v:
             lines.append(f"{name}: {v}")
     for name, note in data.get("skipped", {}).items():
         lines.append(f"skipped {name}: {note}")
+    skipped_runs = sorted(
+        {
+            f"{r['workload']}: {r['skipped']}"
+            for r in data["runs"]
+            if r.get("skipped") and r["peer"] != "direct"
+        }
+    )
+    lines += [f"skipped {s}" for s in skipped_runs]
     for rec in data["runs"]:
         if "error" in rec:
             lines.append(f"failed {rec['peer']} {rec['workload']}: {rec['error']}")
@@ -312,6 +325,19 @@ def notes(data: dict) -> list[str]:
                 f"{rec['result']['errors']} connections lost or cycles failed"
             )
     return lines
+
+
+def markdown(data: dict) -> str:
+    """The same report as a Markdown fragment, ready to paste into the README."""
+    parts = [f"Run of {data['started']}{' (quick)' if data.get('quick') else ''}.", ""]
+    for title, table in tables(data).items():
+        if title != "figures":
+            parts += [f"**{title}**", ""]
+        parts += [table, ""]
+    if (h := headline(data)) is not None:
+        parts += [h, ""]
+    parts += [f"- {line}" for line in notes(data)]
+    return "\n".join(parts) + "\n"
 
 
 def render(data: dict) -> str:
@@ -368,6 +394,9 @@ def write(data: dict, out_dir: Path) -> list[Path]:
     paths = [out_dir / f"{stamp}.json", out_dir / "latest.json"]
     for p in paths:
         p.write_text(text)
+    md = out_dir / "latest.md"
+    md.write_text(markdown(data))
+    paths.append(md)
     if not note:
         paths.append(png)
     return paths

@@ -489,6 +489,16 @@ class Harness:
             for p in runnable
             if r == 0 or w not in ("idle", "syscalls")
         ]
+        # what the rest of the machine was doing just before we started (it is shared)
+        t0_ticks = procstat.cpu_ticks()
+        time.sleep(0.5)
+        busy = procstat.cpu_busy(t0_ticks, procstat.cpu_ticks())
+        out["background_cores"] = round(sum(busy.values()), 2)
+        if out["background_cores"] >= 0.3:
+            sys.stderr.write(
+                f"bench: note: {out['background_cores']:.1f} cores busy before the bench "
+                "started: throughput figures will be noisy; CPU per message holds better\n"
+            )
         progress = Progress(len(plan))
         t0 = time.monotonic()
         self.start_echo()

@@ -83,7 +83,8 @@ class HAProxy(Peer):
         return None if shutil.which("haproxy") else "haproxy not found (apt-get install haproxy)"
 
     def version(self, ctx: Context) -> str:
-        return _first_line(["haproxy", "-v"])
+        # "HAProxy version 2.6.12-1+deb12u4 2026/10/17 - https://..." -> the version alone
+        return _first_line(["haproxy", "-v"]).split(" - ")[0]
 
     def launch(self, ctx, port, backends, admin_port):
         servers = "\n".join(f"    server s{i} {h}:{p}" for i, (h, p) in enumerate(backends))
