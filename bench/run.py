@@ -35,7 +35,7 @@ SATURATED = 0.85  # a side using this share of its CPUs (or more) is the bottlen
 class Settings:
     duration: float  # measured window of pingpong, bulk and churn, seconds
     warmup: float
-    rounds: int  # samples of each windowed pair, interleaved in time; figures are medians
+    rounds: int  # samples of each windowed pair, interleaved in time; the least-disturbed one is reported
     idle_conns: int
     strace_count: int  # messages in the strace window
     size: int = 64
@@ -535,7 +535,9 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated subset of: " + ", ".join(WORKLOADS) + " ('pingpong' = all three)",
     )
     ap.add_argument("--duration", type=float, help="measured window per run, seconds")
-    ap.add_argument("--rounds", type=int, help="samples per windowed run (median reported)")
+    ap.add_argument(
+        "--rounds", type=int, help="samples per windowed run (the least-disturbed is reported)"
+    )
     ap.add_argument(
         "--out",
         type=Path,
