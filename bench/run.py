@@ -50,7 +50,7 @@ def settings_for(quick: bool, fd_limit: int) -> Settings:
     idle_cap = max(100, (fd_limit - 256) // 2)
     if quick:
         return Settings(
-            duration=0.6, warmup=0.2, rounds=1, idle_conns=min(2000, idle_cap), strace_count=2000
+            duration=0.5, warmup=0.15, rounds=1, idle_conns=min(2000, idle_cap), strace_count=2000
         )
     return Settings(
         duration=1.2, warmup=0.3, rounds=3, idle_conns=min(10000, idle_cap), strace_count=5000
