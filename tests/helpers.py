@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -47,6 +48,11 @@ class Proc:
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=stdin,
                                   preexec_fn=preexec_fn)
         self.pid = self.p.pid
+        # stderr is drained by a thread: a gateway logging one access line per
+        # connection would otherwise block on a full pipe
+        self._err = bytearray()
+        self._err_lock = threading.Lock()
+        threading.Thread(target=self._drain_stderr, daemon=True).start()
         self.first_line = ""
         self.addr: tuple[str, int] | None = None
         if expect_line:
@@ -55,8 +61,24 @@ class Proc:
             if not m:
                 self.kill()
                 raise AssertionError(f"no address in first line {self.first_line!r}; "
-                                     f"stderr={self.p.stderr.read().decode(errors='replace')!r}")
+                                     f"stderr={self.stderr_text()!r}")
             self.addr = split_addr(m.group(1))
+
+    def _drain_stderr(self) -> None:
+        f = self.p.stderr
+        while True:
+            try:
+                chunk = f.read1(65536)
+            except (OSError, ValueError):
+                return
+            if not chunk:
+                return
+            with self._err_lock:
+                self._err += chunk
+
+    def stderr_text(self) -> str:
+        with self._err_lock:
+            return self._err.decode(errors="replace")
 
     def readline(self, timeout: float = 5.0) -> str:
         r, _, _ = select.select([self.p.stdout], [], [], timeout)
@@ -78,9 +100,8 @@ class Proc:
         if self.p.poll() is None:
             os.kill(self.pid, signal.SIGKILL)
             self.p.wait(5)
-        for f in (self.p.stdout, self.p.stderr):
-            if f:
-                f.close()
+        if self.p.stdout:
+            self.p.stdout.close()
 
 
 def connect(addr: tuple[str, int], timeout: float = 5.0) -> socket.socket:

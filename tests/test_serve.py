@@ -201,7 +201,7 @@ def test_emfile_does_not_spin_and_serves_again_after(spawn):
 def _stderr_after_stop(p) -> str:
     p.signal(signal.SIGTERM)
     assert p.wait() == 0
-    return p.p.stderr.read().decode()
+    return p.stderr_text()
 
 
 def test_sigterm_and_sigint_exit_zero(spawn):

@@ -1,0 +1,393 @@
+"""The gateway: listeners + balancer + relays + health, and their lifecycle.
+
+This is the seed's ``LoadBalancerServer`` done as a layer-4 load balancer
+(HAProxy ``mode tcp``, nginx ``stream``): limits at accept, a policy picks
+the backend, a ``Relay`` couples the two streams, health checks and passive
+ejection steer new connections away from broken backends, and the
+lifecycle operations -- reload (SIGHUP), drain (SIGTERM) -- never cut a live
+relay short of its grace.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import socket
+import sys
+import time
+from typing import Any
+
+from reactor.addr import bind_error
+from reactor.balancer import Backend, Balancer
+from reactor.config import BackendConfig, Config
+from reactor.health import HealthChecker
+from reactor.listener import Listener, bind_socket, format_address
+from reactor.loop import Loop
+from reactor.relay import Relay
+
+log = logging.getLogger("reactor.gateway")
+access_log = logging.getLogger("reactor.access")
+
+_V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+def resolve_backend(bc: BackendConfig, resolver=socket.getaddrinfo) -> list[tuple[str, int]]:
+    """A backend's host as numeric addresses (a DNS name may give several)."""
+    infos = resolver(bc.host, bc.port, 0, socket.SOCK_STREAM)
+    seen: list[tuple[str, int]] = []
+    for family, _, _, _, sa in infos:
+        if family not in (socket.AF_INET, socket.AF_INET6):
+            continue
+        addr = (sa[0], sa[1])
+        if addr not in seen:
+            seen.append(addr)
+    return seen
+
+
+class GatewayBackend(Backend):
+    """A balancer backend that remembers its config entry and address family."""
+
+    __slots__ = ("config", "family")
+
+    def __init__(self, address: tuple[str, int], name: str, bc: BackendConfig) -> None:
+        super().__init__(address, name, bc.weight, bc.send_proxy)
+        self.config = bc
+        self.family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+
+
+def make_backends(cfg: Config, resolved: dict[str, list[tuple[str, int]]] | None = None) -> list[Backend]:
+    """Config backends -> balancer backends. A name resolving to several
+    addresses gives one backend per address (a headless Service, Consul DNS),
+    named ``NAME#ADDRESS``. ``resolved`` supplies addresses found by discovery."""
+    out: list[Backend] = []
+    for bc in cfg.backends:
+        addrs = (resolved or {}).get(bc.address)
+        if addrs is None:
+            if _is_numeric(bc.host):
+                addrs = [(bc.host, bc.port)]
+            else:
+                try:
+                    addrs = resolve_backend(bc)
+                except OSError as exc:
+                    if not bc.resolve:
+                        raise
+                    log.warning("event=resolve_failed backend=%s error=%s", bc.address, exc)
+                    addrs = []
+        base = bc.name or bc.address
+        for addr in addrs:
+            name = f"{base}#{format_address(addr)}" if (bc.resolve or len(addrs) > 1) else base
+            out.append(GatewayBackend(addr, name, bc))
+    return out
+
+
+def _is_numeric(host: str) -> bool:
+    for fam in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(fam, host)
+            return True
+        except OSError:
+            pass
+    return False
+
+
+class Gateway:
+    """One worker's gateway on one loop."""
+
+    def __init__(self, loop: Loop, config: Config) -> None:
+        self.loop = loop
+        self.config = config
+        self.relays: set[Relay] = set()
+        self.per_ip: collections.Counter[str] = collections.Counter()
+        self.listeners: list[Listener] = []
+        self.reasons: collections.Counter[str] = collections.Counter()
+        self.accepted_total = 0
+        self.rejected_max_connections = 0
+        self.rejected_per_ip = 0
+        self.connect_failures = 0
+        self.proxy_rejected = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.draining = False
+        self.started = time.time()
+        self.reloads = 0
+        self.reload_failures = 0
+        self._drain_timer = None
+        self._sweep_timer = None
+        self.on_stopped = None  # callback when a drain completes
+        self._apply_settings(config)
+        self.balancer = Balancer(make_backends(config), config.gateway.balance)
+        self.health = HealthChecker(loop, self)
+        self._setup_access_log(config)
+
+    # -- settings -------------------------------------------------------------
+
+    def _apply_settings(self, cfg: Config) -> None:
+        g = cfg.gateway
+        self.buffer_limit = g.buffer_limit
+        self.connect_timeout = g.connect_timeout
+        self.retries = g.retries
+        self.idle_timeout = g.idle_timeout
+        self.max_connections = g.max_connections
+        self.max_connections_per_ip = g.max_connections_per_ip
+        self.accept_proxy = g.accept_proxy
+        self.trusted_sources = g.trusted_sources
+        self.proxy_timeout = g.proxy_timeout
+        self.config = cfg
+
+    def max_fails_for(self, backend: Backend) -> int:
+        return self.config.max_fails_for(backend.config)  # type: ignore[attr-defined]
+
+    def fail_timeout_for(self, backend: Backend) -> float:
+        return self.config.fail_timeout_for(backend.config)  # type: ignore[attr-defined]
+
+    def _setup_access_log(self, cfg: Config) -> None:
+        for h in list(access_log.handlers):
+            access_log.removeHandler(h)
+            h.close()
+        dest = cfg.gateway.access_log
+        access_log.propagate = False
+        if dest is False:
+            access_log.disabled = True
+            return
+        access_log.disabled = False
+        handler: logging.Handler
+        if dest is True:
+            handler = logging.StreamHandler(sys.stderr)
+        else:
+            handler = logging.FileHandler(dest)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        access_log.addHandler(handler)
+        access_log.setLevel(logging.INFO)
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def start(self, sockets: list[socket.socket] | None = None) -> None:
+        """Bind (or adopt pre-bound ``sockets``), start checks and the idle sweep."""
+        g = self.config.gateway
+        if sockets is None:
+            sockets = []
+            try:
+                for host, port in g.listen:
+                    sockets.append(bind_socket(host, port, backlog=g.backlog, reuseport=g.reuseport))
+            except OSError as exc:
+                for s in sockets:
+                    s.close()
+                text = format_address((host or "*", port))
+                raise bind_error("listen", text, exc) from None
+        for s in sockets:
+            self.listeners.append(Listener(self.loop, s, self._on_accept))
+        if self.config.health.enabled:
+            self.health.start()
+        self._schedule_sweep()
+
+    @property
+    def addresses(self) -> list[str]:
+        return [lst.name for lst in self.listeners]
+
+    def _schedule_sweep(self) -> None:
+        if self.idle_timeout > 0:
+            every = min(1.0, self.idle_timeout / 4)
+            self._sweep_timer = self.loop.call_later(every, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweep_timer = None
+        now = self.loop.now
+        t = self.idle_timeout
+        if t > 0:
+            for relay in list(self.relays):
+                relay.idle_check(now, t)
+        self._schedule_sweep()
+
+    def close_listeners(self) -> None:
+        for lst in self.listeners:
+            lst.close()
+
+    def drain(self, grace: float | None = None) -> None:
+        """SIGTERM: stop accepting now, let relays finish for ``grace`` seconds."""
+        if self.draining:
+            return
+        self.draining = True
+        grace = self.config.gateway.grace if grace is None else grace
+        self.close_listeners()
+        log.info("event=drain_start relays=%d grace=%.1fs", len(self.relays), grace)
+        if not self.relays:
+            self._drained()
+            return
+        self._drain_timer = self.loop.call_later(grace, self._drain_expired)
+
+    def _drain_expired(self) -> None:
+        self._drain_timer = None
+        log.info("event=drain_timeout closing=%d", len(self.relays))
+        for relay in list(self.relays):
+            relay.finish("shutdown")
+        self._drained()
+
+    def _drained(self) -> None:
+        log.info("event=drain_done")
+        self.shutdown()
+        if self.on_stopped is not None:
+            self.on_stopped()
+
+    def shutdown(self) -> None:
+        """Stop everything now: listeners, checks, timers, relays."""
+        self.close_listeners()
+        self.health.stop()
+        for h in (self._sweep_timer, self._drain_timer):
+            if h is not None:
+                self.loop.cancel_timer(h)
+        self._sweep_timer = self._drain_timer = None
+        for relay in list(self.relays):
+            relay.finish("shutdown")
+
+    def reload(self, new: Config) -> None:
+        """Apply a new config to *new* connections; live relays are untouched.
+        A backend that left the list is drained: no new connections, existing
+        ones run to their natural end."""
+        old = self.config
+        if tuple(new.gateway.listen) != tuple(old.gateway.listen):
+            log.warning("event=reload_listen_ignored reason=listen_change_needs_restart")
+        backends = make_backends(new)
+        self._apply_settings(new)
+        removed = self.balancer.set_backends(backends)
+        for b in self.balancer.backends:
+            b.draining = False
+        for b in removed:
+            b.draining = True
+        # surviving Backend objects keep counters; refresh their config link
+        by_addr = {b.address: b for b in backends}
+        for b in self.balancer.backends:
+            nb = by_addr.get(b.address)
+            if nb is not None:
+                b.config = nb.config  # type: ignore[attr-defined]
+        self.draining_backends = [b for b in removed if b.active > 0]
+        self.balancer.set_policy(new.gateway.balance)
+        self._setup_access_log(new)
+        self.health.reconfigure()
+        if self._sweep_timer is None:
+            self._schedule_sweep()
+        self.reloads += 1
+        log.info("event=reloaded backends=%d removed=%d balance=%s", len(self.balancer.backends),
+                 len(removed), new.gateway.balance)
+
+    # -- accepting ------------------------------------------------------------
+
+    def _on_accept(self, sock: socket.socket, addr: tuple) -> None:
+        self.accepted_total += 1
+        if len(self.relays) >= self.max_connections:
+            self.rejected_max_connections += 1
+            self.reasons["max_connections"] += 1
+            sock.close()
+            self.loop.syscalls["close"] += 1
+            access_log.info("event=access client=%s backend=- bytes_in=0 bytes_out=0 duration=0 "
+                            "reason=max_connections", format_address(addr))
+            return
+        relay = Relay(self, sock, addr)
+        self.relays.add(relay)
+        if self.accept_proxy:
+            from reactor.proxyproto import is_trusted
+
+            if is_trusted(addr[0], self.trusted_sources):
+                relay.expect_proxy()
+                return
+            relay.proxy_parser = _Spoofcheck(self, relay)
+        if self.admit(relay):
+            relay.start()
+
+    def admit(self, relay: Relay) -> bool:
+        """Per-IP limit, on the real client address (after any PROXY header)."""
+        ip = relay.client_addr[0]
+        if self.max_connections_per_ip and self.per_ip[ip] >= self.max_connections_per_ip:
+            self.rejected_per_ip += 1
+            relay.finish("max_connections_per_ip")
+            return False
+        self.per_ip[ip] += 1
+        relay.ip_key = ip
+        return True
+
+    def relay_finished(self, relay: Relay) -> None:
+        self.relays.discard(relay)
+        ip = relay.ip_key
+        if ip is not None:
+            n = self.per_ip[ip] - 1
+            if n > 0:
+                self.per_ip[ip] = n
+            else:
+                del self.per_ip[ip]
+        self.reasons[relay.reason] += 1
+        self.bytes_in += relay.client.bytes_in
+        self.bytes_out += relay.client.bytes_out
+        if not access_log.disabled:
+            r = relay.access_record()
+            access_log.info("event=access client=%s backend=%s bytes_in=%d bytes_out=%d "
+                            "duration=%.3f reason=%s", r["client"], r["backend"], r["bytes_in"],
+                            r["bytes_out"], r["duration"], r["reason"])
+        if self.draining and not self.relays and self._drain_timer is not None:
+            self.loop.cancel_timer(self._drain_timer)
+            self._drain_timer = None
+            self.loop.call_soon(self._drained)
+
+    def proxy_header(self, version: str, relay: Relay) -> bytes:
+        from reactor.proxyproto import encode_v1, encode_v2
+
+        src = relay.client_addr
+        dst = relay.local_addr
+        if dst is None:
+            dst = relay.client.sock.getsockname()
+            self.loop.syscalls["getsockname"] += 1
+        src, dst = (src[0], src[1]), (dst[0], dst[1])
+        return encode_v1(src, dst) if version == "v1" else encode_v2(src, dst)
+
+    # -- introspection ----------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        now = self.loop.now
+        live_in = sum(r.client.bytes_in for r in self.relays)
+        live_out = sum(r.client.bytes_out for r in self.relays)
+        return {
+            "listeners": [{"address": lst.name, "accepted": lst.accepted,
+                           "accept_paused_episodes": lst.exhausted_episodes} for lst in self.listeners],
+            "connections": {
+                "active": len(self.relays),
+                "accepted_total": self.accepted_total,
+                "rejected_max_connections": self.rejected_max_connections,
+                "rejected_per_ip": self.rejected_per_ip,
+                "proxy_rejected": self.proxy_rejected,
+                "connect_failures": self.connect_failures,
+                "closed_by_reason": dict(self.reasons),
+            },
+            "bytes": {"in": self.bytes_in + live_in, "out": self.bytes_out + live_out},
+            "balance": self.balancer.policy,
+            "backends": [dict(b.as_dict(now), health=self.health.state_of(b)) for b in self.balancer.backends],
+            "draining": self.draining,
+            "reloads": self.reloads,
+            "reload_failures": self.reload_failures,
+            "uptime": time.time() - self.started,
+            "loop": self.loop.statistics(),
+        }
+
+
+class _Spoofcheck:
+    """For a client that is *not* a trusted source on an ``accept_proxy``
+    listener: its data passes through, but a first packet that looks like a
+    PROXY header (a spoofing attempt) closes the connection and is counted."""
+
+    __slots__ = ("gateway", "relay")
+
+    def __init__(self, gateway: Gateway, relay: Relay) -> None:
+        self.gateway = gateway
+        self.relay = relay
+
+    def feed(self, view: memoryview):
+        from reactor.proxyproto import ProxyProtocolError
+
+        head = bytes(view[:12])
+        relay = self.relay
+        relay.proxy_parser = None
+        if head.startswith(b"PROXY ") or (len(head) >= 6 and _V2_SIG.startswith(head)):
+            raise ProxyProtocolError("PROXY header from untrusted source")
+        if relay.backend is not None:
+            relay._cside.data_received = relay.backend.write
+            relay.backend.write(view)
+        else:
+            relay._hold(view)
+        return None
