@@ -47,8 +47,11 @@ def wait_port(
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
         if proc is not None and proc.poll() is not None:
-            tail = log.read_text(errors="replace")[-600:] if log and log.exists() else ""
-            raise RunError(f"exited with {proc.returncode} before listening: {tail.strip()}")
+            lines = (
+                log.read_text(errors="replace").strip().splitlines() if log and log.exists() else []
+            )
+            last = lines[-1].strip()[:300] if lines else "(no output)"
+            raise RunError(f"exited with {proc.returncode} before listening: {last}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return

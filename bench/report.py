@@ -303,6 +303,7 @@ def notes(data: dict) -> list[str]:
             lines.append(f"{name}: {v}")
     for name, note in data.get("skipped", {}).items():
         lines.append(f"skipped {name}: {note}")
+    lines += data.get("warnings", [])
     skipped_runs = sorted(
         {
             f"{r['workload']}: {r['skipped']}"

@@ -247,6 +247,26 @@ class Harness:
             raise
         return proc, port, admin_port
 
+    def probe(self, peer: Peer, warnings: list[str]) -> str | None:
+        """Start and stop the peer once: None if it runs, else why not. A gateway that
+        cannot start with its admin endpoint is run without it (no own counters then)."""
+        if peer.is_direct:
+            return None
+        try:
+            proc, _, _ = self.start_peer(peer, "probe")
+            stop(proc)
+            return None
+        except RunError as e:
+            if getattr(peer, "admin", False):
+                peer.admin = False
+                if self.probe(peer, warnings) is None:
+                    warnings.append(
+                        f"{peer.name}: runs only without --admin ({e}); its own syscall "
+                        "counters are not read"
+                    )
+                    return None
+            return f"does not start: {e}"
+
     # ---- one (workload, peer) pair ----
 
     def sample(self, proxy: subprocess.Popen | None, lg: Loadgen, admin: int | None) -> dict:
@@ -448,9 +468,18 @@ class Harness:
             workloads = [w for w in WORKLOADS if w in want or w.split("-")[0] in want]
             if not workloads:
                 raise SystemExit(f"bench: no workload matches {self.args.workloads}")
-        runnable, skipped, versions = [], {}, {}
+        self.start_echo()
+        try:
+            return self._run(peers, workloads)
+        finally:
+            stop(self.echo)
+            if not self.args.keep:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _run(self, peers: list[Peer], workloads: list[str]) -> dict:
+        runnable, skipped, versions, warnings = [], {}, {}, []
         for p in peers:
-            note = p.missing(self.ctx)
+            note = p.missing(self.ctx) or self.probe(p, warnings)
             if note:
                 skipped[p.name] = note
             else:
@@ -458,6 +487,8 @@ class Harness:
                 versions[p.name] = p.version(self.ctx)
         for name, note in skipped.items():
             sys.stderr.write(f"bench: skipping {name}: {note}\n")
+        for w in warnings:
+            sys.stderr.write(f"bench: {w}\n")
         if self.cpu_note:
             sys.stderr.write(f"bench: {self.cpu_note}\n")
         out: dict = {
@@ -467,6 +498,7 @@ class Harness:
             "python": python_version(),
             "versions": versions,
             "skipped": skipped,
+            "warnings": warnings,
             "settings": asdict(self.settings),
             "cpus": {
                 "proxy": sorted(self.proxy_cpus),
@@ -501,7 +533,6 @@ class Harness:
             )
         progress = Progress(len(plan))
         t0 = time.monotonic()
-        self.start_echo()
         try:
             for r, w, p in plan:
                 if self.echo.poll() is not None:
@@ -516,10 +547,7 @@ class Harness:
                     progress.note(f"bench: {p.name} {w}: {rec['error']}")
                 out["runs"].append(rec)
         finally:
-            stop(self.echo)
             progress.done()
-            if not self.args.keep:
-                shutil.rmtree(self.workdir, ignore_errors=True)
         out["elapsed_s"] = time.monotonic() - t0
         return out
 

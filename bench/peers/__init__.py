@@ -156,10 +156,12 @@ class AsyncioPeer(Peer):
 
 class Reactor(Peer):
     workers: int = 1
+    admin: bool = True
 
     def __init__(self, name: str, description: str, workers: int, cpus: str) -> None:
         Peer.__init__(self, name, description, cpus)
         self.workers = workers
+        self.admin = True  # the harness turns it off if the gateway cannot start with it
         self._help: str | None = None
 
     def _gateway_help(self, ctx: Context) -> str:
@@ -221,9 +223,11 @@ class Reactor(Peer):
             argv += ["--max-connections", str(ctx.max_conns)]
         if "--no-access-log" in h:
             argv.append("--no-access-log")  # no peer logs per connection: haproxy has no `log`
-        use_admin = "--admin" in h
+        use_admin = "--admin" in h and self.admin
         if use_admin:
             argv += ["--admin", f"127.0.0.1:{admin_port}"]
+        elif "--admin" in h:
+            argv += ["--admin", "off"]  # its default port would collide between runs
         return Launch(argv, admin_port=admin_port if use_admin else None, cwd=ctx.reactor_dir)
 
 
