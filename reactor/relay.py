@@ -22,7 +22,7 @@ Close reasons (the access log's ``reason=``): ``client_eof`` and
 
 Discussion: the hot path
 ------------------------
-Once both ends are up, ``client.protocol.data_received`` *is* the backend
+Once both ends are up, the client stream's ``on_data`` *is* the backend
 stream's bound ``write`` (and vice versa): a readable event costs one
 ``recv_into``, one ``send``, and no relay code in between. The relay only
 runs for the rare events: connect, EOF, errors, watermarks, close.
@@ -50,15 +50,21 @@ _IN_PROGRESS = (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY)
 
 
 class _Side:
-    """Protocol for one stream of the pair; calls go to the relay or straight
-    to the peer stream (``data_received`` is rebound to ``peer.write``)."""
+    """Protocol for one stream of the pair: the rare events go to the relay.
+    (The data itself does not pass here: see "the hot path" above.)"""
 
-    __slots__ = ("relay", "is_client", "data_received")
+    __slots__ = ("relay", "is_client")
 
     def __init__(self, relay: Relay, is_client: bool) -> None:
         self.relay = relay
         self.is_client = is_client
-        self.data_received = relay._hold if is_client else relay._unexpected
+
+    def data_received(self, view: memoryview) -> None:
+        # only until the relay points the stream's on_data at the peer
+        if self.is_client:
+            self.relay._hold(view)
+        else:  # pragma: no cover - a backend stream starts bound to client.write
+            self.relay.client.write(view)
 
     def eof_received(self) -> None:
         self.relay._eof(self.is_client)
@@ -122,9 +128,6 @@ class Relay:
 
     def _other(self, is_client: bool) -> Stream | None:
         return self.backend if is_client else self.client
-
-    def _unexpected(self, view: memoryview) -> None:  # pragma: no cover - backend side starts bound
-        self.client.write(view)
 
     def _hold(self, view: memoryview) -> None:
         """Client data before the backend is connected: keep it, within the limit."""
@@ -224,11 +227,12 @@ class Relay:
     def _connected(self, sock: socket.socket) -> None:
         backend = self.backend_info
         backend.record_success(self.loop.now)
-        self.loop.unregister(sock.fileno())
-        b = Stream(self.loop, sock, self._bside, role="backend",
-                   high_water=self.gateway.buffer_limit)
-        self.backend = b
         client = self.client
+        b = Stream(self.loop, sock, self._bside, role="backend",
+                   high_water=self.gateway.buffer_limit, start=False)
+        b.on_data = client.write
+        b.start(self._bside, registered=True)  # the connect's epoll entry, re-aimed
+        self.backend = b
         if backend.send_proxy:
             b.write(self.gateway.proxy_header(backend.send_proxy, self))
         if self.pending:
@@ -237,8 +241,7 @@ class Relay:
         # the hot path: from now on a read on one side is a write on the other
         # (unless a PROXY-spoofing check still wants to see the first bytes)
         if self.proxy_parser is None:
-            self._cside.data_received = b.write
-        self._bside.data_received = client.write
+            client.on_data = b.write
         if self._client_eof:
             b.write_eof()
         elif not client.reading and not client.eof_received and b.buffered < self.gateway.buffer_limit:
@@ -348,9 +351,6 @@ class Relay:
             self.backend_info.bytes_in += self.backend.bytes_out
             self.backend_info.bytes_out += self.backend.bytes_in
         self.pending = None
-        # break the cycles so the relay is freed by refcounting, not the GC
-        self._cside.data_received = None
-        self._bside.data_received = None
         self.gateway.relay_finished(self)
 
     def access_record(self) -> dict[str, Any]:
