@@ -814,14 +814,22 @@ def _cli_as_nobody(argv: list[str]) -> tuple[int, str, str]:
         try:
             os.dup2(out_w, 1)
             os.dup2(err_w, 2)
-            os.setgid(65534)
-            os.setuid(65534)
             sys.stdout = open(1, "w", closefd=False)
             sys.stderr = open(2, "w", closefd=False)
-            from reactor.cli import main
+            # import everything while still root: the checkout may live in a
+            # directory nobody may read (a CI clone under mktemp -d is 0700)
+            from reactor.cli import build_parser, main
 
+            build_parser()
+            os.setgid(65534)
+            os.setuid(65534)
             rc = main(argv)
             sys.stdout.flush()
+            sys.stderr.flush()
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
             sys.stderr.flush()
         finally:
             os._exit(rc)
