@@ -22,7 +22,7 @@ Close reasons (the access log's ``reason=``): ``client_eof`` and
 
 Discussion: the hot path
 ------------------------
-Once both ends are up, the client stream's ``on_data`` *is* the backend
+Once both ends are up, the client stream's ``peer`` *is* the backend
 stream's bound ``write`` (and vice versa): a readable event costs one
 ``recv_into``, one ``send``, and no relay code in between. The relay only
 runs for the rare events: connect, EOF, errors, watermarks, close.
@@ -49,40 +49,34 @@ access_log = logging.getLogger("reactor.access")
 _IN_PROGRESS = (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY)
 
 
-class _Side:
-    """Protocol for one stream of the pair: the rare events go to the relay.
-    (The data itself does not pass here: see "the hot path" above.)"""
+class _BackendSide:
+    """The backend stream's protocol: the rare events go to the relay.
+    (The data itself does not pass here: see "the hot path" above.)
+    The relay itself is the client stream's protocol."""
 
-    __slots__ = ("relay", "is_client")
+    __slots__ = ("relay",)
 
-    def __init__(self, relay: Relay, is_client: bool) -> None:
+    def __init__(self, relay: Relay) -> None:
         self.relay = relay
-        self.is_client = is_client
 
-    def data_received(self, view: memoryview) -> None:
-        # only until the relay points the stream's on_data at the peer
-        if self.is_client:
-            self.relay._hold(view)
-        else:  # pragma: no cover - a backend stream starts bound to client.write
-            self.relay.client.write(view)
+    def data_received(self, view: memoryview) -> None:  # pragma: no cover
+        self.relay.client.write(view)  # the backend stream starts with peer = client
 
     def eof_received(self) -> None:
-        self.relay._eof(self.is_client)
+        self.relay._eof(False)
 
     def eof_sent(self) -> None:
         self.relay._maybe_done()
 
     def pause_writing(self) -> None:
-        # this side's outbound queue is full: stop reading the other side
-        self.relay._other(self.is_client).pause_reading()
+        # the backend's outbound queue is full: stop reading the client
+        self.relay.client.pause_reading()
 
     def resume_writing(self) -> None:
-        other = self.relay._other(self.is_client)
-        if other is not None:
-            other.resume_reading()
+        self.relay.client.resume_reading()
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self.relay._lost(self.is_client, exc)
+        self.relay._lost(False, exc)
 
 
 class Relay:
@@ -90,8 +84,8 @@ class Relay:
 
     __slots__ = (
         "gateway", "loop", "client", "backend", "client_addr", "backend_info", "started",
-        "reason", "closed", "pending", "tried", "connect_sock", "connect_timer", "_cside",
-        "_bside", "_client_eof", "idle_mark", "idle_since", "proxy_parser", "proxy_timer",
+        "reason", "closed", "pending", "tried", "connect_sock", "connect_timer",
+        "_client_eof", "idle_mark", "idle_since", "proxy_parser", "proxy_timer",
         "local_addr", "ip_key",
     )
 
@@ -105,7 +99,7 @@ class Relay:
         self.reason = ""
         self.closed = False
         self.pending: bytearray | None = None
-        self.tried: set[Backend] = set()
+        self.tried: tuple[Backend, ...] = ()  # a set would cost 216 bytes per relay
         self.backend_info: Backend | None = None
         self.backend: Stream | None = None
         self.connect_sock: socket.socket | None = None
@@ -115,19 +109,38 @@ class Relay:
         self._client_eof = False
         self.idle_mark = -1
         self.idle_since = self.loop.now
-        self._cside = _Side(self, True)
-        self._bside = _Side(self, False)
-        self.client = Stream(self.loop, sock, self._cside, role="client",
+        self.client = Stream(self.loop, sock, self, role="client",
                              high_water=gateway.buffer_limit)
 
     def __repr__(self) -> str:
         b = self.backend_info.name if self.backend_info else "-"
         return f"<Relay {_fmt(self.client_addr)} -> {b} client={self.client!r} backend={self.backend!r}>"
 
-    # -- helpers ------------------------------------------------------------
+    # -- the client stream's protocol ---------------------------------------
 
-    def _other(self, is_client: bool) -> Stream | None:
-        return self.backend if is_client else self.client
+    def data_received(self, view: memoryview) -> None:
+        # only until the backend is connected: then client.peer takes over
+        self._hold(view)
+
+    def eof_received(self) -> None:
+        self._eof(True)
+
+    def eof_sent(self) -> None:
+        self._maybe_done()
+
+    def pause_writing(self) -> None:
+        # the client's outbound queue is full: stop reading the backend
+        if self.backend is not None:
+            self.backend.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.backend is not None:
+            self.backend.resume_reading()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._lost(True, exc)
+
+    # -- helpers ------------------------------------------------------------
 
     def _hold(self, view: memoryview) -> None:
         """Client data before the backend is connected: keep it, within the limit."""
@@ -153,7 +166,7 @@ class Relay:
         if backend is None:
             self.finish("no_backend" if not self.tried else "connect_failed")
             return
-        self.tried.add(backend)
+        self.tried += (backend,)
         self.backend_info = backend
         backend.active += 1
         backend.total += 1
@@ -228,10 +241,10 @@ class Relay:
         backend = self.backend_info
         backend.record_success(self.loop.now)
         client = self.client
-        b = Stream(self.loop, sock, self._bside, role="backend",
+        b = Stream(self.loop, sock, _BackendSide(self), role="backend",
                    high_water=self.gateway.buffer_limit, start=False)
-        b.on_data = client.write
-        b.start(self._bside, registered=True)  # the connect's epoll entry, re-aimed
+        b.peer = client
+        b.start(b.protocol, registered=True)  # the connect's epoll entry, re-aimed
         self.backend = b
         if backend.send_proxy:
             b.write(self.gateway.proxy_header(backend.send_proxy, self))
@@ -241,7 +254,7 @@ class Relay:
         # the hot path: from now on a read on one side is a write on the other
         # (unless a PROXY-spoofing check still wants to see the first bytes)
         if self.proxy_parser is None:
-            client.on_data = b.write
+            client.peer = b
         if self._client_eof:
             b.write_eof()
         elif not client.reading and not client.eof_received and b.buffered < self.gateway.buffer_limit:

@@ -75,12 +75,12 @@ class Stream:
     ``_wbuf`` carries three states in one slot, so ``write`` decides with a
     single ``is None`` test: ``None`` (nothing queued: send now), a
     ``bytearray`` (a tail is queued: append behind it), or ``_SHUT`` (EOF
-    sent or stream closed: drop). Likewise the receive callback ``on_data``
-    is a plain attribute: a relay points it straight at the peer's ``write``.
+    sent or stream closed: drop). Likewise a relay sets ``peer``: what is
+    read is written straight to the peer stream, with no protocol call between.
     """
 
     __slots__ = (
-        "loop", "sock", "fd", "protocol", "on_data", "role", "_mask", "_wbuf", "_reading",
+        "loop", "sock", "fd", "protocol", "peer", "role", "_mask", "_wbuf", "_reading",
         "_eof_pending", "_eof_received", "_closed", "_paused_peer", "_high", "_low",
         "_parked", "_view", "_sc", "bytes_in", "bytes_out",
     )
@@ -92,7 +92,7 @@ class Stream:
         self.sock = sock
         self.fd = sock.fileno()
         self.protocol = protocol
-        self.on_data = None
+        self.peer: Stream | None = None
         self.role = role
         self._mask = 0
         self._wbuf: bytearray | _Shut | None = None
@@ -123,14 +123,14 @@ class Stream:
         """Begin reading and delivering to ``protocol`` (``registered``: the fd
         is in epoll already, e.g. from a connect -- re-aim it, one epoll_ctl)."""
         self.protocol = protocol
-        if self.on_data is None:
-            self.on_data = protocol.data_received
         self._reading = True
         self._mask = EPOLLIN
+        # The stream itself is the loop's handler (``__call__``): a bound
+        # method per fd would cost 64 bytes per idle connection.
         if registered:
-            self.loop.set_handler(self.fd, EPOLLIN, self._on_event)
+            self.loop.set_handler(self.fd, EPOLLIN, self)
         else:
-            self.loop.register(self.fd, EPOLLIN, self._on_event)
+            self.loop.register(self.fd, EPOLLIN, self)
 
     # -- state -------------------------------------------------------------
 
@@ -193,7 +193,11 @@ class Stream:
             self._sc["recv"] += 1
             if n:
                 self.bytes_in += n
-                self.on_data(self._view[:n])
+                peer = self.peer
+                if peer is not None:
+                    peer.write(self._view[:n])
+                else:
+                    self.protocol.data_received(self._view[:n])
             else:
                 self._got_eof()
             return
@@ -213,6 +217,8 @@ class Stream:
             # fd would be reported on every wait (a busy loop). Park it: out of
             # epoll until reading resumes. See loop.py "fd reuse and epoll".
             self._park()
+
+    __call__ = _on_event  # the loop calls the stream itself
 
     def _park(self) -> None:
         if not self._parked:
@@ -246,7 +252,7 @@ class Stream:
             if self._parked:
                 self._parked = False
                 self._mask = mask
-                self.loop.register(self.fd, mask, self._on_event)
+                self.loop.register(self.fd, mask, self)
             else:
                 self._set_mask(mask)
 
@@ -358,7 +364,7 @@ class Stream:
             except OSError:
                 pass
         self._wbuf = _SHUT
-        self.on_data = _drop
+        self.peer = None
         self.sock.close()
         self._sc["close"] += 1
 
@@ -367,10 +373,6 @@ class Stream:
             return
         self.close()
         self.protocol.connection_lost(exc)
-
-
-def _drop(view: memoryview) -> None:
-    """Receiver of a closed stream (never called: a closed fd gets no events)."""
 
 
 def make_nonblocking_connect(loop: Loop, address: tuple[str, int], family: int) -> tuple[socket.socket, int]:
