@@ -84,8 +84,8 @@ class Relay:
 
     __slots__ = (
         "gateway", "loop", "client", "backend", "client_addr", "backend_info", "started",
-        "reason", "closed", "pending", "tried", "connect_sock", "connect_timer",
-        "_client_eof", "idle_mark", "idle_since", "proxy_parser", "proxy_timer",
+        "reason", "closed", "pending", "tried", "connect_sock", "timer",
+        "_client_eof", "idle_mark", "idle_since", "proxy_parser",
         "local_addr", "ip_key",
     )
 
@@ -95,7 +95,7 @@ class Relay:
         self.client_addr = addr
         self.local_addr: tuple | None = None
         self.ip_key: str | None = None
-        self.started = time.time()
+        self.started = self.loop.now  # shared float: no allocation per relay
         self.reason = ""
         self.closed = False
         self.pending: bytearray | None = None
@@ -103,12 +103,11 @@ class Relay:
         self.backend_info: Backend | None = None
         self.backend: Stream | None = None
         self.connect_sock: socket.socket | None = None
-        self.connect_timer = None
+        self.timer = None
         self.proxy_parser = None
-        self.proxy_timer = None
         self._client_eof = False
         self.idle_mark = -1
-        self.idle_since = self.loop.now
+        self.idle_since = self.started
         self.client = Stream(self.loop, sock, self, role="client",
                              high_water=gateway.buffer_limit)
 
@@ -189,14 +188,14 @@ class Relay:
             return
         self.connect_sock = sock
         self.loop.register(sock.fileno(), EPOLLOUT, self._on_connect_event)
-        self.connect_timer = self.loop.call_later(gw.connect_timeout, self._connect_timeout)
+        self.timer = self.loop.call_later(gw.connect_timeout, self._connect_timeout)
 
     def _on_connect_event(self, _mask: int) -> None:
         sock = self.connect_sock
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         self.loop.syscalls["getsockopt"] += 1
-        self.loop.cancel_timer(self.connect_timer)
-        self.connect_timer = None
+        self.loop.cancel_timer(self.timer)
+        self.timer = None
         if err:
             self._abandon_connect()
             self._connect_failed(self.backend_info, err)
@@ -205,7 +204,7 @@ class Relay:
         self._connected(sock)
 
     def _connect_timeout(self) -> None:
-        self.connect_timer = None
+        self.timer = None
         if self.connect_sock is None:
             return
         self._abandon_connect()
@@ -275,9 +274,9 @@ class Relay:
         if header is None:
             return
         self.proxy_parser = None
-        if self.proxy_timer is not None:
-            self.loop.cancel_timer(self.proxy_timer)
-            self.proxy_timer = None
+        if self.timer is not None:
+            self.loop.cancel_timer(self.timer)
+            self.timer = None
         if header.src is not None:
             self.client_addr = header.src
             self.local_addr = header.dst
@@ -291,10 +290,10 @@ class Relay:
         from reactor.proxyproto import ProxyHeaderParser
 
         self.proxy_parser = ProxyHeaderParser()
-        self.proxy_timer = self.loop.call_later(self.gateway.proxy_timeout, self._proxy_timeout)
+        self.timer = self.loop.call_later(self.gateway.proxy_timeout, self._proxy_timeout)
 
     def _proxy_timeout(self) -> None:
-        self.proxy_timer = None
+        self.timer = None
         if self.proxy_parser is not None and not self.closed:
             self.gateway.proxy_rejected += 1
             self.finish("proxy_timeout")
@@ -348,12 +347,9 @@ class Relay:
         self.closed = True
         if reason:
             self.reason = reason
-        if self.connect_timer is not None:
-            self.loop.cancel_timer(self.connect_timer)
-            self.connect_timer = None
-        if self.proxy_timer is not None:
-            self.loop.cancel_timer(self.proxy_timer)
-            self.proxy_timer = None
+        if self.timer is not None:
+            self.loop.cancel_timer(self.timer)
+            self.timer = None
         if self.connect_sock is not None:
             self._abandon_connect()
             self.backend_info.active -= 1
@@ -373,7 +369,7 @@ class Relay:
             "backend": b.name if b is not None and (self.backend is not None or self.tried) else "-",
             "bytes_in": self.client.bytes_in,
             "bytes_out": self.client.bytes_out,
-            "duration": round(time.time() - self.started, 6),
+            "duration": round(time.monotonic() - self.started, 6),
             "reason": self.reason,
         }
 

@@ -52,6 +52,17 @@ def shared_recv_buffer(loop: Loop) -> memoryview:
     return view
 
 
+_LOW_WATERS: dict[int, int] = {}
+
+
+def _low_water(high: int) -> int:
+    """A quarter of the high watermark, as one shared int (not one per stream)."""
+    low = _LOW_WATERS.get(high)
+    if low is None:
+        low = _LOW_WATERS[high] = high // 4
+    return low
+
+
 class _Shut:
     """Sentinel for ``Stream._wbuf``: nothing may be written any more."""
 
@@ -80,7 +91,7 @@ class Stream:
     """
 
     __slots__ = (
-        "loop", "sock", "fd", "protocol", "peer", "role", "_mask", "_wbuf", "_reading",
+        "loop", "sock", "protocol", "peer", "role", "_mask", "_wbuf", "_reading",
         "_eof_pending", "_eof_received", "_closed", "_paused_peer", "_high", "_low",
         "_parked", "_view", "_sc", "bytes_in", "bytes_out",
     )
@@ -90,7 +101,6 @@ class Stream:
                  low_water: int | None = None, nodelay: bool = True, start: bool = True) -> None:
         self.loop = loop
         self.sock = sock
-        self.fd = sock.fileno()
         self.protocol = protocol
         self.peer: Stream | None = None
         self.role = role
@@ -103,7 +113,7 @@ class Stream:
         self._paused_peer = False
         self._parked = False
         self._high = high_water
-        self._low = high_water // 4 if low_water is None else low_water
+        self._low = _low_water(high_water) if low_water is None else low_water
         self._view = shared_recv_buffer(loop)
         self._sc = loop.syscalls
         self.bytes_in = 0
@@ -133,6 +143,11 @@ class Stream:
             self.loop.register(self.fd, EPOLLIN, self)
 
     # -- state -------------------------------------------------------------
+
+    @property
+    def fd(self) -> int:
+        # not stored: an fd above 256 is a 28-byte int object per stream
+        return self.sock.fileno()
 
     @property
     def closed(self) -> bool:
