@@ -17,7 +17,8 @@ The admin shares the relays' thread, so it follows their rules: a
 ``Listener`` and ``Stream``s on the same epoll, nothing blocking, no threads.
 A client that trickles its head (slowloris) or never sends one is closed
 after ``head_timeout``; at most ``max_connections`` admin connections are
-open at once; a head is bounded by ``MAX_HEAD`` bytes before it is complete.
+open at once (when full, the oldest idle or incomplete one is evicted for the
+newcomer); a head is bounded by ``MAX_HEAD`` bytes before it is complete.
 /metrics and /stats are built in one go: O(backends + relays) plus one
 psutil read (measured: 4-6 ms with 1000 open relays). /fds is not: it reads
 the namespace's socket tables, which on a busy host hold a hundred thousand
@@ -101,10 +102,12 @@ class AdminServer:
         self.linger = linger
         self.max_connections = max_connections
         self.listener = Listener(loop, sock, self._on_accept, batch=16)
-        self.conns: set[_AdminConn] = set()
+        # insertion-ordered: the oldest connection is the first evicted when full
+        self.conns: dict[_AdminConn, None] = {}
         self.requests: collections.Counter[tuple[str, int]] = collections.Counter()
         self.connections_total = 0
-        self.rejected = 0  # over max_connections
+        self.rejected = 0  # over max_connections, nothing evictable
+        self.evicted = 0  # closed to make room (see _evict_one)
         self.timeouts = 0  # head not complete in time
         self._fds_job: _FdsJob | None = None
         self.process = psutil.Process()
@@ -133,16 +136,36 @@ class AdminServer:
     # -- connections ----------------------------------------------------------
 
     def _on_accept(self, sock: socket.socket, addr: tuple) -> None:
-        if len(self.conns) >= self.max_connections:
+        if len(self.conns) >= self.max_connections and not self._evict_one():
             self.rejected += 1
             sock.close()
             self.loop.syscalls["close"] += 1
             return
         self.connections_total += 1
-        self.conns.add(_AdminConn(self, sock))
+        self.conns[_AdminConn(self, sock)] = None
+
+    def _evict_one(self) -> bool:
+        """Full: make room for the newcomer rather than refuse it.
+
+        Discussion: refusing at the cap would let 32 silent or trickling
+        clients (slowloris) lock every operator out of /stats and /metrics for
+        ``head_timeout`` -- forever, if they reconnect. So the oldest
+        connection that is merely lingering after its answer goes first, then
+        the oldest that has not completed its request head. A connection whose
+        request is being answered is never cut.
+        """
+        victim = next((c for c in self.conns if c.answered), None)
+        if victim is None:
+            victim = next((c for c in self.conns if not c.got_request), None)
+        if victim is None:
+            return False
+        self.evicted += 1
+        victim.close()
+        self.conns.pop(victim, None)
+        return True
 
     def _forget(self, conn: _AdminConn) -> None:
-        self.conns.discard(conn)
+        self.conns.pop(conn, None)
 
     # -- requests -------------------------------------------------------------
 
@@ -223,6 +246,7 @@ class AdminServer:
             "connections_active": len(self.conns),
             "connections_total": self.connections_total,
             "rejected": self.rejected,
+            "evicted": self.evicted,
             "head_timeouts": self.timeouts,
             "requests": _nest(self.requests),
         }
