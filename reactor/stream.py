@@ -347,9 +347,11 @@ class Stream:
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError as exc:
+            # ENOTCONN here means the peer reset us meanwhile: that is a lost
+            # connection too -- staying silent would leave the relay waiting
+            # for an eof_sent that never comes
             self._sc["shutdown"] += 1
-            if exc.errno != errno.ENOTCONN:
-                self._fatal(exc)
+            self._fatal(exc)
             return
         self._sc["shutdown"] += 1
         on_sent = getattr(self.protocol, "eof_sent", None)
