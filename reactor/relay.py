@@ -265,8 +265,8 @@ class Relay:
         if header.src is not None:
             self.client_addr = header.src
             self.local_addr = header.dst
-        if header.payload:
-            self.pending = bytearray(header.payload)
+        if header.rest:
+            self.pending = bytearray(header.rest)
         if not self.gateway.admit(self):
             return
         self.start()

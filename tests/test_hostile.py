@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+from reactor.proxyproto import encode_v1
 from tests.faults import (
     Baseline,
     RttProbe,
@@ -26,6 +27,7 @@ from tests.faults import (
     spec,
     start_gateway,
     wait_access,
+    write_config,
 )
 from tests.helpers import wait_for
 
@@ -271,6 +273,33 @@ def slowloris(addr: tuple[str, int], text: bytes, n: int, every: float, until: f
     for s in opened:
         s.close()
     return closed
+
+
+def test_slowloris_on_accept_proxy_listener(spawn, backend, tmp_path):
+    """A PROXY header dribbled a byte at a time never completes: the client is
+    closed at proxy_timeout (counted from accept, not reset by each byte),
+    while a client that sends its header at once is served throughout."""
+    cfg = write_config(tmp_path / "proxy.toml", """
+[gateway]
+accept_proxy = true
+trusted_sources = ["127.0.0.0/8"]
+proxy_timeout = 1.0
+""")
+    g = start_gateway(spawn, spec(backend), extra=("--config", cfg))
+    base = Baseline(g)
+    header = encode_v1(("192.0.2.7", 4242), ("127.0.0.1", g.addr[1]))
+    with RttProbe(g.addr, preamble=header) as probe:
+        took = slowloris(g.addr, header[:-2], 50, every=0.1, until=10)
+    probe.assert_ok(RTT_BOUND)
+    assert 0.9 <= min(took.values()) and max(took.values()) < 2.5, sorted(took.values())
+    records = wait_access(g, 51)
+    reasons = collections.Counter(r[5] for r in records)
+    assert reasons == {"proxy_timeout": 50, "client_eof": 1}, reasons
+    # the probe was logged under the address its PROXY header carried
+    assert [r[0] for r in records if r[5] == "client_eof"] == ["192.0.2.7:4242"]
+    base.wait_back()
+    print(f"\nslow PROXY clients closed after {min(took.values()):.2f}..{max(took.values()):.2f}s; "
+          f"probe {probe.summary()}")
 
 
 def test_slowloris_on_admin_endpoint(spawn, backend):
