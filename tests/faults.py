@@ -321,13 +321,17 @@ def run_cli_as(uid: int, argv: list[str], timeout: float = 30.0) -> tuple[int, s
         try:
             os.dup2(out_w, 1)
             os.dup2(err_w, 2)
+            # import while still root: the stdlib may live where nobody may not read
+            import encodings.idna  # noqa: F401 - getaddrinfo() encodes host names with it
+            import tomllib  # noqa: F401
+
+            from reactor.cli import build_parser, main
+            build_parser()  # imports every command module
             os.setgroups([])
             os.setgid(uid)
             os.setuid(uid)
             sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
             sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
-            from reactor.cli import main
-
             rc = main(argv)
         except BaseException:  # a traceback is exactly what the test must see
             import traceback
