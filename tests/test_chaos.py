@@ -38,7 +38,6 @@ from tests.faults import (
 
 CLIENTS = 200
 BACKENDS = 4
-MAX_SESSION = 256 * 1024  # bytes a session sends (log-uniform from 1 KiB)
 WINDOW = 128 * 1024  # bytes a client keeps in flight (sent, not yet echoed)
 STALL = 15.0  # seconds without progress before a session counts as hung
 
@@ -51,7 +50,9 @@ class Session:
     __slots__ = ("client", "n", "payload", "sent", "got", "last", "eof_sent")
 
     def __init__(self, client: int, n: int, rng: random.Random) -> None:
-        size = int(2 ** rng.uniform(10, 18))
+        # log-uniform, 16 KiB .. 1 MiB: long enough to be cut mid-stream, few enough
+        # sessions that their TIME_WAITs do not swamp the host's /proc/net/tcp
+        size = int(2 ** rng.uniform(14, 20))
         self.client, self.n = client, n
         self.payload = struct.pack("!II", client, n) + rng.randbytes(size)
         self.sent = 0

@@ -33,9 +33,9 @@ from tests.faults import (
 )
 from tests.helpers import wait_for
 
-# CPU the gateway may burn in a 1.5 s window while it is out of fds with clients
+# CPU the gateway may burn in a 1 s window while it is out of fds with clients
 # waiting: a level-triggered spin on the listener would take all of it.
-IDLE_CPU_BOUND = 0.15
+IDLE_CPU_BOUND = 0.1
 
 
 def echo_ok(s: socket.socket, msg: bytes = b"ping") -> bool:
@@ -104,7 +104,7 @@ def test_at_fd_limit_no_spin_relays_kept_then_recovers(spawn, tmp_path, spare):
         s.sendall(b"ping")
     served, refused = [], []
     pending = set(flood)
-    deadline = time.monotonic() + 1  # an accepted client answers in milliseconds
+    deadline = time.monotonic() + 0.5  # an accepted client answers in milliseconds
     while pending and time.monotonic() < deadline:
         r, _, _ = select.select(list(pending), [], [], 0.1)
         for s in r:
@@ -125,7 +125,7 @@ def test_at_fd_limit_no_spin_relays_kept_then_recovers(spawn, tmp_path, spare):
     # out of fds, with work pending: the gateway must idle, not spin
     cpu0 = cpu_seconds(g.pid)
     t0 = time.monotonic()
-    wait_for(lambda: time.monotonic() - t0 >= 1.5, timeout=3, what="1.5 s at the limit")
+    wait_for(lambda: time.monotonic() - t0 >= 1.0, timeout=3, what="1 s at the limit")
     cpu = cpu_seconds(g.pid) - cpu0
     err = g.stderr_text()
     if spare == 0:
@@ -134,7 +134,7 @@ def test_at_fd_limit_no_spin_relays_kept_then_recovers(spawn, tmp_path, spare):
     else:
         assert "event=connect_error" in err and "Too many open files" in err, err[-2000:]
         assert len(refused) == flood_n - len(served) and not waiting
-    assert cpu < IDLE_CPU_BOUND, f"gateway used {cpu:.2f}s of CPU in 1.5s at its fd limit"
+    assert cpu < IDLE_CPU_BOUND, f"gateway used {cpu:.2f}s of CPU in 1 s at its fd limit"
 
     # the relays it was running are untouched
     assert all(echo_ok(s, b"still here") for s in held + served)
@@ -159,7 +159,7 @@ def test_at_fd_limit_no_spin_relays_kept_then_recovers(spawn, tmp_path, spare):
     base.wait_back()
     reasons = collections.Counter(r[5] for r in wait_access(g, held_n + flood_n + 1))
     print(f"\nspare={spare}: {len(served)} served, {len(refused)} refused, {len(waiting)} waited "
-          f"(then served {waited:.2f}s after fds freed); CPU at the limit {cpu:.3f}s/1.5s; "
+          f"(then served {waited:.2f}s after fds freed); CPU at the limit {cpu:.3f}s/1s; "
           f"reasons {dict(reasons)}")
     if spare == 1:
         assert reasons["connect_failed"] == len(refused)

@@ -18,6 +18,7 @@ import time
 import pytest
 
 from reactor.proxyproto import encode_v1
+from tests.backends import ThreadServer
 from tests.faults import (
     Baseline,
     RttProbe,
@@ -71,22 +72,22 @@ def backend(spawn):
 # -- a client that connects and sends nothing -----------------------------------------------
 
 def test_silent_clients_closed_at_idle_timeout_busy_client_kept(spawn, backend):
-    g = start_gateway(spawn, spec(backend), extra=("--idle-timeout", "1"))
+    g = start_gateway(spawn, spec(backend), extra=("--idle-timeout", "0.5"))
     base = Baseline(g)
     with RttProbe(g.addr, interval=0.05) as probe:
         opened = {}
         for _ in range(100):
             s = socket.create_connection(g.addr, timeout=10)
             opened[s] = time.monotonic()
-        # the sweep runs every idle_timeout/4: closed between 1 and ~1.5 s after connect
+        # the sweep runs every idle_timeout/4: closed between 0.5 and ~0.75 s after connect
         took = wait_closed(opened, timeout=10)
         for s in opened:
             s.close()
-        # the busy client has outlived two idle timeouts by now, and stays up
-        wait_for(lambda: time.monotonic() - min(opened.values()) > 2.5, timeout=5,
-                 what="2.5 idle timeouts")
+        # the busy client has outlived three idle timeouts by now, and stays up
+        wait_for(lambda: time.monotonic() - min(opened.values()) > 1.5, timeout=5,
+                 what="three idle timeouts")
     probe.assert_ok(RTT_BOUND)
-    assert 0.9 <= min(took.values()) and max(took.values()) < 2.5, sorted(took.values())
+    assert 0.45 <= min(took.values()) and max(took.values()) < 1.5, sorted(took.values())
     reasons = collections.Counter(r[5] for r in wait_access(g, 101))
     assert reasons == {"idle_timeout": 100, "client_eof": 1}, reasons
     base.wait_back()
@@ -96,49 +97,65 @@ def test_silent_clients_closed_at_idle_timeout_busy_client_kept(spawn, backend):
 
 # -- clients that never read --------------------------------------------------------------------
 
-def test_clients_that_never_read_hold_gateway_memory_bounded(spawn, backend):
+def test_clients_that_never_read_hold_gateway_memory_bounded(spawn):
+    """Backends stream without end to clients that never read: the gateway's
+    queue toward each client stops at buffer_limit and it stops reading the
+    backend, so the backend's sends block; the gateway's memory stays bounded."""
     limit, hogs_n = 65536, 20
-    g = start_gateway(spawn, spec(backend), extra=("--buffer-limit", str(limit)))
-    base = Baseline(g)
-    rss0 = rss(g.pid)
-    hogs = [socket.create_connection(g.addr, timeout=10) for _ in range(hogs_n)]
+    sent = [0]
+    lock = threading.Lock()
     chunk = os.urandom(65536)
-    pushed = [0] * hogs_n
-    peak = rss0
-    with RttProbe(g.addr) as probe:
+
+    def source(conn: socket.socket) -> None:
+        if select.select([conn], [], [], 0.3)[0]:  # the probe speaks first: echo it
+            while data := conn.recv(65536):
+                conn.sendall(data)
+            conn.close()  # the probe's EOF, answered: the relay can finish
+            return
+        while True:
+            conn.sendall(chunk)  # blocks once the whole path is full
+            with lock:
+                sent[0] += len(chunk)
+
+    srv = ThreadServer(source)
+    try:
+        g = start_gateway(spawn, srv.spec, extra=("--buffer-limit", str(limit)))
+        base = Baseline(g)
+        rss0 = rss(g.pid)
+        hogs = []
+        with RttProbe(g.addr) as probe:
+            for _ in range(hogs_n):
+                s = socket.socket()
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # a small window
+                s.connect(g.addr)
+                hogs.append(s)
+            # until nothing moves any more: the backends' sends are all blocked
+            last, still, peak = -1, 0, rss0
+            deadline = time.monotonic() + 20
+            while still < 3:
+                assert time.monotonic() < deadline, f"still streaming after 20 s: {sent[0]}"
+                time.sleep(0.1)  # the sampling period, not a synchronisation
+                with lock:
+                    now = sent[0]
+                still = still + 1 if now == last and len(srv.conns) > hogs_n else 0
+                last = now
+                peak = max(peak, rss(g.pid))
+        probe.assert_ok(RTT_BOUND)
+        growth = peak - rss0
+        # Per stalled relay the gateway queues at most buffer_limit plus one read
+        # (64 KiB) toward the client; allow twice that, and 4 MiB of allocator slack.
+        bound = hogs_n * 2 * (limit + 65536) + (4 << 20)
+        print(f"\n{hogs_n} clients that never read: backends got {sent[0] / 2**20:.1f} MiB out before "
+              f"the path filled; gateway RSS grew {growth / 2**20:.2f} MiB (bound "
+              f"{bound / 2**20:.1f} MiB); probe {probe.summary()}")
+        assert growth < bound
         for s in hogs:
-            s.setblocking(False)
-        # Write without ever reading until every buffer on the path is full and the
-        # gateway has stopped reading us: several rounds in a row take no byte.
-        quiet, deadline = 0, time.monotonic() + 20
-        while quiet < 3:
-            assert time.monotonic() < deadline, f"still accepting bytes after 20 s: {sum(pushed)}"
-            took = 0
-            for i, s in enumerate(hogs):
-                try:
-                    while True:
-                        n = s.send(chunk)
-                        pushed[i] += n
-                        took += n
-                except BlockingIOError:
-                    pass
-            quiet = quiet + 1 if took == 0 else 0
-            peak = max(peak, rss(g.pid))
-            time.sleep(0.1)  # the pace of the attack, not a synchronisation
-    probe.assert_ok(RTT_BOUND)
-    growth = peak - rss0
-    # Per stalled relay the gateway queues at most ~buffer_limit plus one read
-    # (64 KiB) in each direction; allow twice that, and 4 MiB of allocator slack.
-    bound = hogs_n * 2 * 2 * (limit + 65536) + (4 << 20)
-    print(f"\n{hogs_n} clients that never read pushed {sum(pushed) / 2**20:.1f} MiB before the "
-          f"path filled; gateway RSS grew {growth / 2**20:.2f} MiB (bound {bound / 2**20:.1f} MiB); "
-          f"probe {probe.summary()}")
-    assert growth < bound
-    for s in hogs:
-        s.close()  # with unread data: the kernel sends RST
-    base.wait_back()
-    reasons = {r[5] for r in wait_access(g, hogs_n + 1)}
-    assert reasons <= {"client_reset", "client_eof"}, reasons
+            s.close()  # with unread data: the kernel sends RST
+        base.wait_back()
+        reasons = {r[5] for r in wait_access(g, hogs_n + 1)}
+        assert reasons <= {"client_reset", "client_eof"}, reasons
+    finally:
+        srv.close()
 
 
 # -- RST mid-stream ----------------------------------------------------------------------------
