@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 APT    := DEBIAN_FRONTEND=noninteractive apt-get -y -q
 
-.PHONY: install run demo serve test soak bench lint clean sysdeps
+.PHONY: install run demo serve test soak bench bench-tools lint clean sysdeps
 
 $(VENV)/.base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,7 +45,23 @@ test: $(VENV)/.dev sysdeps
 soak: $(VENV)/.dev sysdeps
 	$(PY) -m pytest -q -m soak -p no:cacheprovider --timeout 600
 
-bench: $(VENV)/.bench
+# The bench's peers and tools: haproxy, go (for the Go seed gateway) and strace from
+# Debian when missing and we are root; a peer that is still missing is skipped by the
+# bench with a note. Then the C load generator, echo backends and Go seed are built.
+bench-tools: $(VENV)/.bench
+	@missing=""; \
+	command -v haproxy >/dev/null || missing="$$missing haproxy"; \
+	command -v go >/dev/null || missing="$$missing golang-go"; \
+	command -v strace >/dev/null || missing="$$missing strace"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing:$$missing"; \
+	    ($(APT) update >/dev/null && $(APT) install $$missing >/dev/null) || echo "bench: could not install$$missing"; \
+	  else echo "bench: missing$$missing (apt-get install$$missing)"; fi; \
+	fi
+	$(PY) -m bench.build
+
+bench: bench-tools
 	$(PY) -m bench $(if $(QUICK),--quick,)
 
 lint: $(VENV)/.dev

@@ -34,7 +34,9 @@ def main() -> int:
     ap.add_argument("--picks", type=int, default=20_000)
     args = ap.parse_args()
     rng = random.Random(1)
-    ips = [f"10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}" for _ in range(4096)]
+    ips = [
+        f"10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}" for _ in range(4096)
+    ]
     rows = []
     for size in (3, 10, 50):
         for policy in POLICIES:

@@ -20,6 +20,8 @@ from typing import Any
 from reactor.addr import bind_error
 from reactor.balancer import Backend, Balancer
 from reactor.config import BackendConfig, Config
+from reactor.discovery import is_numeric as _is_numeric
+from reactor.discovery import lookup
 from reactor.health import HealthChecker
 from reactor.listener import Listener, bind_socket, format_address
 from reactor.loop import Loop
@@ -32,16 +34,8 @@ _V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
 
 
 def resolve_backend(bc: BackendConfig, resolver=socket.getaddrinfo) -> list[tuple[str, int]]:
-    """A backend's host as numeric addresses (a DNS name may give several)."""
-    infos = resolver(bc.host, bc.port, 0, socket.SOCK_STREAM)
-    seen: list[tuple[str, int]] = []
-    for family, _, _, _, sa in infos:
-        if family not in (socket.AF_INET, socket.AF_INET6):
-            continue
-        addr = (sa[0], sa[1])
-        if addr not in seen:
-            seen.append(addr)
-    return seen
+    """A backend's host as numeric addresses (a DNS name may give several). Blocks."""
+    return lookup(bc, resolver)
 
 
 class GatewayBackend(Backend):
@@ -58,42 +52,46 @@ class GatewayBackend(Backend):
 def make_backends(cfg: Config, resolved: dict[str, list[tuple[str, int]]] | None = None) -> list[Backend]:
     """Config backends -> balancer backends. A name resolving to several
     addresses gives one backend per address (a headless Service, Consul DNS),
-    named ``NAME#ADDRESS``. ``resolved`` supplies addresses found by discovery."""
+    named ``NAME#ADDRESS``. ``resolved`` holds the addresses discovery found
+    for each DNS name (keyed by ``BackendConfig.address``); with it this never
+    blocks -- a name it lacks has no backend for now. Without it, names are
+    looked up here (blocking: only before the loop runs)."""
     out: list[Backend] = []
+    seen: set[tuple[str, int]] = set()
     for bc in cfg.backends:
-        addrs = (resolved or {}).get(bc.address)
-        if addrs is None:
-            if _is_numeric(bc.host):
-                addrs = [(bc.host, bc.port)]
-            else:
-                try:
-                    addrs = resolve_backend(bc)
-                except OSError as exc:
-                    if not bc.resolve:
-                        raise bind_error("backend", bc.address, exc) from None
-                    log.warning("event=resolve_failed backend=%s error=%s", bc.address, exc)
-                    addrs = []
+        if _is_numeric(bc.host):
+            addrs = [(bc.host, bc.port)]
+        elif resolved is not None:
+            addrs = resolved.get(bc.address, [])
+        else:
+            try:
+                addrs = resolve_backend(bc)
+            except OSError as exc:
+                if not bc.resolve:
+                    raise bind_error("backend", bc.address, exc) from None
+                log.warning("event=resolve_failed backend=%s error=%s", bc.address, exc)
+                addrs = []
         base = bc.name or bc.address
         for addr in addrs:
+            if addr in seen:
+                # two names (or a name and a literal) giving one address: one backend
+                log.warning("event=duplicate_address backend=%s address=%s", base, format_address(addr))
+                continue
+            seen.add(addr)
             name = f"{base}#{format_address(addr)}" if (bc.resolve or len(addrs) > 1) else base
             out.append(GatewayBackend(addr, name, bc))
     return out
 
 
-def _is_numeric(host: str) -> bool:
-    for fam in (socket.AF_INET, socket.AF_INET6):
-        try:
-            socket.inet_pton(fam, host)
-            return True
-        except OSError:
-            pass
-    return False
+# Settings read once at start: a reload that changes them says so in the log.
+_RESTART_ONLY = ("listen", "backlog", "reuseport", "workers", "splice")
 
 
 class Gateway:
     """One worker's gateway on one loop."""
 
-    def __init__(self, loop: Loop, config: Config) -> None:
+    def __init__(self, loop: Loop, config: Config, *,
+                 resolved: dict[str, list[tuple[str, int]]] | None = None) -> None:
         self.loop = loop
         self.config = config
         self.relays: set[Relay] = set()
@@ -114,8 +112,11 @@ class Gateway:
         self._drain_timer = None
         self._sweep_timer = None
         self.on_stopped = None  # callback when a drain completes
+        self.discovery = None  # set by Discovery.attach
+        # removed by a reload but still carrying relays: address -> Backend
+        self.draining_backends: dict[tuple[str, int], Backend] = {}
         self._apply_settings(config)
-        self.balancer = Balancer(make_backends(config), config.gateway.balance)
+        self.balancer = Balancer(make_backends(config, resolved), config.gateway.balance)
         self.health = HealthChecker(loop, self)
         self._setup_access_log(config)
 
@@ -239,35 +240,80 @@ class Gateway:
         for relay in list(self.relays):
             relay.finish("shutdown")
 
-    def reload(self, new: Config) -> None:
-        """Apply a new config to *new* connections; live relays are untouched.
-        A backend that left the list is drained: no new connections, existing
-        ones run to their natural end."""
+    def reload(self, new: Config, resolved: dict[str, list[tuple[str, int]]] | None = None) -> None:
+        """Apply a new config to *new* connections; live relays are untouched
+        (each relay read its settings when it was accepted). A backend that
+        left the list is drained: no new connections, existing ones run to
+        their natural end. ``resolved``: see ``make_backends``."""
         old = self.config
-        if tuple(new.gateway.listen) != tuple(old.gateway.listen):
-            log.warning("event=reload_listen_ignored reason=listen_change_needs_restart")
-        backends = make_backends(new)
+        for key in _RESTART_ONLY:
+            if getattr(new.gateway, key) != getattr(old.gateway, key):
+                log.warning("event=reload_ignored key=gateway.%s reason=needs_restart", key)
+        if new.admin != old.admin:
+            log.warning("event=reload_ignored key=admin.listen reason=needs_restart")
+        backends = make_backends(new, resolved)  # may raise: nothing changed yet
         self._apply_settings(new)
+        added, removed = self.set_backends(backends)
+        self.balancer.set_policy(new.gateway.balance)
+        self._setup_access_log(new)
+        self.health.reconfigure()
+        if self._sweep_timer is None and not self.draining:
+            self._schedule_sweep()
+        self.reloads += 1
+        log.info("event=reloaded backends=%d added=%d removed=%d balance=%s",
+                 len(self.balancer.backends), len(added), len(removed), new.gateway.balance)
+
+    def update_backends(self, cfg: Config, resolved: dict[str, list[tuple[str, int]]] | None = None
+                        ) -> tuple[list[Backend], list[Backend]]:
+        """Only the backend list changed (DNS answer, backends file): ``cfg`` is
+        the current config with its new list; settings stay as they are."""
+        backends = make_backends(cfg, resolved)
+        self.config = cfg
+        added, removed = self.set_backends(backends)
+        self.health.reconfigure()
+        return added, removed
+
+    def set_backends(self, backends: list[Backend]) -> tuple[list[Backend], list[Backend]]:
+        """Install a new backend list; returns (added, removed).
+
+        A backend whose address stays keeps its object (counters, health,
+        maglev slot); one that left is marked draining and kept in
+        ``draining_backends`` while it carries relays; one that comes back
+        while still draining is revived, counters and all."""
+        revived = []
+        for i, nb in enumerate(backends):
+            old = self.draining_backends.pop(nb.address, None)
+            if old is not None:
+                old.name, old.send_proxy, old.config = nb.name, nb.send_proxy, nb.config  # type: ignore[attr-defined]
+                old.weight = old.effective_weight = nb.weight
+                old.current_weight = 0
+                old.draining = False
+                backends[i] = old
+                revived.append(old)
+        before = set(self.balancer.backends)
         removed = self.balancer.set_backends(backends)
-        for b in self.balancer.backends:
-            b.draining = False
-        for b in removed:
-            b.draining = True
+        added = [b for b in self.balancer.backends if b not in before]
         # surviving Backend objects keep counters; refresh their config link
         by_addr = {b.address: b for b in backends}
         for b in self.balancer.backends:
             nb = by_addr.get(b.address)
-            if nb is not None:
+            if nb is not None and nb is not b:
                 b.config = nb.config  # type: ignore[attr-defined]
-        self.draining_backends = [b for b in removed if b.active > 0]
-        self.balancer.set_policy(new.gateway.balance)
-        self._setup_access_log(new)
-        self.health.reconfigure()
-        if self._sweep_timer is None:
-            self._schedule_sweep()
-        self.reloads += 1
-        log.info("event=reloaded backends=%d removed=%d balance=%s", len(self.balancer.backends),
-                 len(removed), new.gateway.balance)
+        for b in removed:
+            b.draining = True
+            if b.active > 0:
+                self.draining_backends[b.address] = b
+            log.info("event=backend_removed backend=%s active=%d", b.name, b.active)
+        for b in added:
+            log.info("event=backend_added backend=%s address=%s weight=%d%s", b.name,
+                     format_address(b.address), b.weight, " revived=1" if b in revived else "")
+        self._prune_draining()
+        return added, removed
+
+    def _prune_draining(self) -> None:
+        for addr, b in list(self.draining_backends.items()):
+            if b.active <= 0:
+                del self.draining_backends[addr]
 
     # -- accepting ------------------------------------------------------------
 
@@ -358,12 +404,18 @@ class Gateway:
             "bytes": {"in": self.bytes_in + live_in, "out": self.bytes_out + live_out},
             "balance": self.balancer.policy,
             "backends": [dict(b.as_dict(now), health=self.health.state_of(b)) for b in self.balancer.backends],
+            "draining_backends": [b.as_dict(now) for b in self._live_draining()],
             "draining": self.draining,
             "reloads": self.reloads,
             "reload_failures": self.reload_failures,
             "uptime": time.time() - self.started,
+            "discovery": self.discovery.stats() if self.discovery is not None else None,
             "loop": self.loop.statistics(),
         }
+
+    def _live_draining(self) -> list[Backend]:
+        self._prune_draining()
+        return list(self.draining_backends.values())
 
 
 class _Spoofcheck:
@@ -372,6 +424,7 @@ class _Spoofcheck:
     PROXY header (a spoofing attempt) closes the connection and is counted."""
 
     __slots__ = ("gateway", "relay")
+    eof_ok = True  # EOF before any byte is a clean half-close, not a bad header
 
     def __init__(self, gateway: Gateway, relay: Relay) -> None:
         self.gateway = gateway

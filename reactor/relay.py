@@ -291,8 +291,10 @@ class Relay:
         if from_client:
             self._client_eof = True
             if self.proxy_parser is not None:
-                self.finish("proxy_error")
-                return
+                if not getattr(self.proxy_parser, "eof_ok", False):
+                    self.finish("proxy_error")
+                    return
+                self.proxy_parser = None  # an untrusted client's EOF before any byte: no header to check
             if self.backend is not None:
                 self.backend.write_eof()
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import resource
+import select
 import selectors
 import signal
 import socket
@@ -127,9 +128,10 @@ def test_watermarks_pause_reading_and_resume_in_process():
             return
         loop.call_later(0.005, poll_state)
 
+    c.setblocking(False)
+
     def feed():
         # keep sending until the server has to stop reading us
-        c.setblocking(False)
         try:
             c.send(b"y" * 65536)
         except BlockingIOError:
@@ -148,14 +150,17 @@ def test_watermarks_pause_reading_and_resume_in_process():
 
 
 def _drain_until(c: socket.socket, stop: threading.Event) -> None:
-    c.setblocking(True)
-    c.settimeout(0.1)
+    # the socket stays non-blocking (the loop thread may still touch it):
+    # wait with select, read what is there
     deadline = time.monotonic() + 20
     while not stop.is_set() and time.monotonic() < deadline:
+        r, _, _ = select.select([c], [], [], 0.1)
+        if not r:
+            continue
         try:
             if not c.recv(1 << 20):
                 break
-        except TimeoutError:
+        except BlockingIOError:
             continue
         except OSError:
             break

@@ -1,0 +1,3 @@
+module goseed
+
+go 1.19

@@ -1,0 +1,406 @@
+"""Turn raw runs into figures, tables (tabulate), a JSON file and a PNG chart.
+
+A "msg" is one pingpong round trip: a 64-byte request and its echo, i.e. two forwarded
+messages through the proxy. CPU figures are the proxy's own user+system time over the
+measured window (all its threads and worker processes), divided by the work done.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+from tabulate import tabulate
+
+REFS = ("haproxy", "reactor")
+
+RECV = {"recvfrom", "recv", "read", "recvmsg", "readv", "recvmmsg"}
+SEND = {"sendto", "send", "write", "sendmsg", "writev", "sendmmsg"}
+SPLICE = {"splice", "sendfile", "tee", "vmsplice"}
+POLL = {"epoll_wait", "epoll_pwait", "epoll_pwait2", "poll", "ppoll", "select", "pselect6"}
+
+
+def _pp_metrics(rec: dict, key: str) -> dict:
+    res, win = rec["result"], rec["window"]
+    n = res["count"]
+    out = {
+        f"{key}.msgs": res["rate"],
+        f"{key}.p50": res["lat_us"]["p50"],
+        f"{key}.p99": res["lat_us"]["p99"],
+        f"{key}.p999": res["lat_us"]["p999"],
+        f"{key}.bound": _bound(win),
+    }
+    if win["proxy_cpu"] and n:
+        out[f"{key}.cpu"] = (win["proxy_cpu"]["user"] + win["proxy_cpu"]["sys"]) / n * 1e6
+        out[f"{key}.user"] = win["proxy_cpu"]["user"] / n * 1e6
+        out[f"{key}.sys"] = win["proxy_cpu"]["sys"] / n * 1e6
+    if rec.get("self_syscalls") and n:
+        out[f"{key}.self"] = sum(rec["self_syscalls"].values()) / n
+    return out
+
+
+def _bound(win: dict) -> str:
+    px = win.get("proxy_cores")
+    cores = f"{px:.2f}/{win['load_cores']:.2f}" if px is not None else f"-/{win['load_cores']:.2f}"
+    other = win.get("other_cores", 0.0)
+    if other >= 0.1:
+        cores += f" +{other:.1f} other"
+    return f"{win['bound']} ({cores})"
+
+
+def _classify(counts: dict[str, dict[str, int]]) -> dict[str, int]:
+    groups = {"recv": 0, "send": 0, "splice": 0, "poll": 0, "other": 0}
+    for name, c in counts.items():
+        g = (
+            "recv"
+            if name in RECV
+            else "send"
+            if name in SEND
+            else "splice"
+            if name in SPLICE
+            else "poll"
+            if name in POLL
+            else "other"
+        )
+        groups[g] += c["calls"]
+    return groups
+
+
+def metrics_of(rec: dict) -> dict:
+    """The figures of one run, keyed "<workload>.<figure>"; {} if it failed or was skipped."""
+    if "result" not in rec or "error" in rec:
+        return {}
+    w = rec["workload"]
+    if w.startswith("pingpong-"):
+        return _pp_metrics(rec, "pp" + w.split("-")[1])
+    if w == "bulk":
+        res, win = rec["result"], rec["window"]
+        out = {"bulk.mbs": res["bytes_recv"] / res["duration_s"] / 1e6, "bulk.bound": _bound(win)}
+        if win["proxy_cpu"] and res["bytes_recv"]:
+            cpu = win["proxy_cpu"]["user"] + win["proxy_cpu"]["sys"]
+            out["bulk.cpu"] = cpu / (res["bytes_recv"] / 1e9)
+        return out
+    if w == "churn":
+        res, win = rec["result"], rec["window"]
+        n = res["count"]
+        out = {
+            "churn.cps": res["rate"],
+            "churn.p99": res["lat_us"]["p99"] / 1e3,
+            "churn.errors": res["errors"],
+            "churn.bound": _bound(win),
+        }
+        if win["proxy_cpu"] and n:
+            out["churn.cpu"] = (win["proxy_cpu"]["user"] + win["proxy_cpu"]["sys"]) / n * 1e6
+        return out
+    if w == "idle":
+        idle = rec["idle"]
+        conns = idle["connected"]
+        out = {"idle.conns": conns, "idle.rss": idle["rss_idle_kib"] / 1024}
+        if conns:
+            out["idle.per_conn"] = (idle["rss_idle_kib"] - idle["rss_before_kib"]) / conns
+        return out
+    if w == "syscalls":
+        n = rec["result"]["count"]
+        out = {}
+        if rec.get("strace") and n:
+            total = sum(c["calls"] for c in rec["strace"].values())
+            out["sys.total"] = total / n
+            for g, v in _classify(rec["strace"]).items():
+                out[f"sys.{g}"] = v / n
+            top = sorted(rec["strace"].items(), key=lambda kv: -kv[1]["calls"])[:3]
+            out["sys.mix"] = ", ".join(f"{k} {c['calls'] / n:.2f}" for k, c in top)
+        if rec.get("self_syscalls") and n:
+            out["sys.self"] = sum(rec["self_syscalls"].values()) / n
+        return out
+    return {}
+
+
+# the figure whose spread over samples is kept alongside the chosen one
+PRIMARY = {"pingpong": "msgs", "bulk": "mbs", "churn": "cps"}
+
+
+def summarize(data: dict) -> dict[str, dict]:
+    """Per peer, every figure, from the least-disturbed sample of each (peer, workload).
+
+    The machine is shared: other processes take CPU in some windows. Of a pair's samples
+    (rounds), the one whose window saw the least CPU used outside the bench is reported,
+    whole, so its figures stay consistent with each other; the spread of the primary
+    figure over all samples is kept in the JSON.
+    """
+    samples: dict[tuple[str, str], list[tuple[dict, dict]]] = {}
+    for rec in data["runs"]:
+        m = metrics_of(rec)
+        if m:
+            samples.setdefault((rec["peer"], rec["workload"]), []).append((rec, m))
+    summary: dict[str, dict] = {p: {} for p in data["peers"]}
+    for (peer, workload), pairs in samples.items():
+        out = summary.setdefault(peer, {})
+        rec, m = min(pairs, key=lambda rm: rm[0].get("window", {}).get("other_cores", 0.0))
+        out.update(m)
+        prefix = next(iter(m)).split(".")[0]
+        primary = f"{prefix}.{PRIMARY.get(workload.split('-')[0], '')}"
+        if len(pairs) > 1 and primary in m:
+            vals = [mm[primary] for _, mm in pairs if primary in mm]
+            out[f"{primary}.spread"] = [min(vals), statistics.median(vals), max(vals)]
+        out[f"{prefix}.samples"] = len(pairs)
+        out[f"{prefix}.round"] = rec.get("round", 0)
+    return summary
+
+
+# (key, label, kind): kind "n" numeric with ratios, "s" text without
+ROWS: list[tuple[str, str, str]] = []
+for _c in (1, 50, 500):
+    ROWS += [
+        (f"pp{_c}.msgs", f"pingpong {_c}: msg/s", "n"),
+        (f"pp{_c}.p50", f"pingpong {_c}: p50 µs", "n"),
+        (f"pp{_c}.p99", f"pingpong {_c}: p99 µs", "n"),
+        (f"pp{_c}.p999", f"pingpong {_c}: p99.9 µs", "n"),
+        (f"pp{_c}.cpu", f"pingpong {_c}: CPU µs/msg", "n"),
+        (f"pp{_c}.user", f"pingpong {_c}:  user µs/msg", "n"),
+        (f"pp{_c}.sys", f"pingpong {_c}:  sys µs/msg", "n"),
+        (f"pp{_c}.bound", f"pingpong {_c}: bound (proxy/load cores)", "s"),
+        (f"pp{_c}.self", f"pingpong {_c}: own-counted syscalls/msg", "n"),
+    ]
+ROWS += [
+    ("bulk.mbs", "bulk: MB/s", "n"),
+    ("bulk.cpu", "bulk: CPU s/GB", "n"),
+    ("bulk.bound", "bulk: bound (proxy/load cores)", "s"),
+    ("churn.cps", "churn: conn/s", "n"),
+    ("churn.p99", "churn: p99 ms/conn", "n"),
+    ("churn.cpu", "churn: CPU µs/conn", "n"),
+    ("churn.errors", "churn: failed cycles", "n"),
+    ("churn.bound", "churn: bound (proxy/load cores)", "s"),
+    ("idle.conns", "idle: connections", "n"),
+    ("idle.rss", "idle: proxy RSS MiB", "n"),
+    ("idle.per_conn", "idle: KiB/conn", "n"),
+    ("sys.total", "syscalls/msg (strace)", "n"),
+    ("sys.recv", " recv-side/msg", "n"),
+    ("sys.send", " send-side/msg", "n"),
+    ("sys.splice", " splice/msg", "n"),
+    ("sys.poll", " epoll_wait/msg", "n"),
+    ("sys.other", " other/msg", "n"),
+    ("sys.mix", " most frequent", "s"),
+    ("sys.self", "syscalls/msg (own counters)", "n"),
+]
+
+
+def fmt(v: object) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, str):
+        return v
+    x = float(v)
+    a = abs(x)
+    if a >= 1e6:
+        return f"{x / 1e6:.2f}M"
+    if a >= 1e4:
+        return f"{x / 1e3:.1f}k"
+    if a >= 100 or (x == int(x) and a >= 10):
+        return f"{x:.0f}"
+    if a >= 10:
+        return f"{x:.1f}"
+    return f"{x:.2f}"
+
+
+def tables(data: dict) -> dict[str, str]:
+    summary = data["summary"]
+    peers = [p for p in data["peers"] if summary.get(p)]
+    rows_present = [r for r in ROWS if any(r[0] in summary[p] for p in peers)]
+    out = {}
+    fig = [[label] + [fmt(summary[p].get(key)) for p in peers] for key, label, _ in rows_present]
+    out["figures"] = tabulate(
+        fig, headers=["figure", *peers], tablefmt="github", disable_numparse=True
+    )
+    for ref in REFS:
+        if ref not in peers:
+            out[f"÷ {ref}"] = f"({ref} did not run: no ratios)"
+            continue
+        rows = []
+        for key, label, kind in rows_present:
+            if kind != "n" or key == "churn.errors":
+                continue
+            r = summary[ref].get(key)
+            cells = []
+            for p in peers:
+                v = summary[p].get(key)
+                cells.append("—" if v is None or not r else f"{v / r:.2f}")
+            rows.append([label, *cells])
+        out[f"÷ {ref}"] = tabulate(
+            rows, headers=[f"ratio to {ref}", *peers], tablefmt="github", disable_numparse=True
+        )
+    return out
+
+
+# The figures the performance work tracks, for our gateway beside HAProxy.
+HEADLINE: list[tuple[str, str]] = [
+    ("sys.total", "syscalls per msg, pingpong 50 steady state (strace)"),
+    ("sys.self", "syscalls per msg, same window (own counters)"),
+    ("pp50.user", "user CPU µs/msg, pingpong 50"),
+    ("pp50.sys", "system CPU µs/msg, pingpong 50"),
+    ("pp500.cpu", "CPU µs/msg, pingpong 500"),
+    ("pp1.p99", "p99 latency µs, pingpong 1"),
+    ("bulk.cpu", "CPU s/GB, bulk"),
+    ("churn.cpu", "CPU µs/connection, churn"),
+    ("idle.per_conn", "RSS KiB/connection, idle"),
+]
+
+
+def headline(data: dict) -> str | None:
+    summary = data["summary"]
+    rx, hp = summary.get("reactor"), summary.get("haproxy")
+    if not rx:
+        return None
+    hp = hp or {}
+    rows = []
+    for key, label in HEADLINE:
+        v, h = rx.get(key), hp.get(key)
+        rows.append([label, fmt(v), fmt(h), "—" if v is None or not h else f"{v / h:.2f}"])
+    w2 = summary.get("reactor-w2", {}).get("pp500.msgs")
+    w1 = rx.get("pp500.msgs")
+    rows.append(
+        [
+            "msg/s at pingpong 500, --workers 2 ÷ --workers 1",
+            "—" if not (w1 and w2) else f"{w2 / w1:.2f}",
+            "",
+            "",
+        ]
+    )
+    return tabulate(
+        rows,
+        headers=["reactor headline", "reactor", "haproxy", "reactor ÷ haproxy"],
+        tablefmt="github",
+        disable_numparse=True,
+    )
+
+
+def notes(data: dict) -> list[str]:
+    s = data["settings"]
+    lines = [
+        f"machine: {data['machine'].get('cpu_model', '?')}, {data['machine'].get('cpus')} CPUs, "
+        f"kernel {data['machine'].get('kernel')}; {data['python']}",
+        f"proxy on CPU {data['cpus']['proxy']}, echo backends + load generator on CPU "
+        f"{data['cpus']['load']}; reactor-w2 spans both. {data['cpus']['note']}".rstrip(),
+        f"windows: {s['duration']} s after {s['warmup']} s warm-up, {s['rounds']} round(s): each "
+        "figure is from the pair's least-disturbed window (least CPU used outside the bench); "
+        f"idle {s['idle_conns']} conns; "
+        f"syscalls: {s['strace_count']} msgs at {s['strace_conns']} conns under strace -c -f",
+        "msg = one round trip (64 B request + its echo: two forwarded messages). "
+        "CPU = the proxy's own user+sys time in the window (/proc/PID/stat).",
+        "bound: the side whose CPU was saturated (>= 85 %): proxy, loadgen (echo + load "
+        "generator share a CPU), both, neither (latency-bound), or contended (a CPU was full of "
+        "other processes' work: the machine is shared); figures are proxy/load cores, and "
+        "'other' the cores used by processes outside the bench in that window.",
+    ]
+    if "background_cores" in data:
+        lines.append(
+            f"background load before the run: {data['background_cores']:.2f} cores busy "
+            "(processes outside the bench)"
+        )
+    for name, v in data.get("versions", {}).items():
+        if v:
+            lines.append(f"{name}: {v}")
+    for name, note in data.get("skipped", {}).items():
+        lines.append(f"skipped {name}: {note}")
+    lines += data.get("warnings", [])
+    skipped_runs = sorted(
+        {
+            f"{r['workload']}: {r['skipped']}"
+            for r in data["runs"]
+            if r.get("skipped") and r["peer"] != "direct"
+        }
+    )
+    lines += [f"skipped {s}" for s in skipped_runs]
+    for rec in data["runs"]:
+        if "error" in rec:
+            lines.append(f"failed {rec['peer']} {rec['workload']}: {rec['error']}")
+        elif rec["workload"] == "idle" and "idle" in rec:
+            got, want = rec["idle"]["connected"], rec["params"]["conns"]
+            if got < want:
+                lines.append(
+                    f"{rec['peer']} idle: held {got} of {want} connections "
+                    f"({rec['ready']['connect_failed']} failed); its log: "
+                    f"{' / '.join(rec.get('proxy_log_tail') or ['(empty)'])}"
+                )
+        elif rec.get("result", {}).get("errors"):
+            lines.append(
+                f"{rec['peer']} {rec['workload']} round {rec.get('round', 0) + 1}: "
+                f"{rec['result']['errors']} connections lost or cycles failed"
+            )
+    return lines
+
+
+def markdown(data: dict) -> str:
+    """The same report as a Markdown fragment, ready to paste into the README."""
+    parts = [f"Run of {data['started']}{' (quick)' if data.get('quick') else ''}.", ""]
+    for title, table in tables(data).items():
+        if title != "figures":
+            parts += [f"**{title}**", ""]
+        parts += [table, ""]
+    if (h := headline(data)) is not None:
+        parts += [h, ""]
+    parts += [f"- {line}" for line in notes(data)]
+    return "\n".join(parts) + "\n"
+
+
+def render(data: dict) -> str:
+    parts = []
+    for title, table in tables(data).items():
+        parts.append(table if title == "figures" else f"{title}\n{table}")
+    if (h := headline(data)) is not None:
+        parts.append(h)
+    parts.append("\n".join(notes(data)))
+    return "\n\n".join(parts)
+
+
+def chart(data: dict, path: Path) -> str | None:
+    """A PNG of msg/s and CPU µs/msg per peer; None if matplotlib is missing."""
+    try:
+        import matplotlib  # noqa: PLC0415 - optional (the bench extra)
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+    except ImportError:
+        return "matplotlib not importable (pip install -e '.[bench]'): no chart"
+    summary = data["summary"]
+    peers = [p for p in data["peers"] if summary.get(p)]
+    conns = [1, 50, 500]
+    fig, axes = plt.subplots(2, 1, figsize=(11, 8))
+    width = 0.8 / max(1, len(peers))
+    for ax, metric, title in (
+        (axes[0], "msgs", "pingpong messages/s (round trips, higher is better)"),
+        (axes[1], "cpu", "proxy CPU µs per message (lower is better)"),
+    ):
+        for i, p in enumerate(peers):
+            vals = [summary[p].get(f"pp{c}.{metric}") or 0 for c in conns]
+            xs = [j + (i - (len(peers) - 1) / 2) * width for j in range(len(conns))]
+            ax.bar(xs, vals, width, label=p)
+        ax.set_xticks(range(len(conns)), [f"{c} conn{'s' if c > 1 else ''}" for c in conns])
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(ncol=4, fontsize=8)
+    fig.suptitle(f"reactor bench {data['started']} ({data['machine'].get('cpus')} CPUs)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return None
+
+
+def write(data: dict, out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    png = out_dir / "latest.png"
+    note = chart(data, png)
+    if note:
+        data["chart"] = note
+    text = json.dumps(data, indent=1, default=str)
+    paths = [out_dir / f"{stamp}.json", out_dir / "latest.json"]
+    for p in paths:
+        p.write_text(text)
+    md = out_dir / "latest.md"
+    md.write_text(markdown(data))
+    paths.append(md)
+    if not note:
+        paths.append(png)
+    return paths

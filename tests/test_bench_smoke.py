@@ -1,0 +1,219 @@
+"""Smoke test of the benchmark's moving parts (figures belong to `make bench`, not here):
+the C load generator and echo backends build and speak the protocol the harness relies
+on, and a stdlib proxy peer forwards a fixed count of messages exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.build import build_c  # noqa: E402
+from bench.driver import LineReader  # noqa: E402
+from bench.strace import parse_summary  # noqa: E402
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture(scope="module")
+def tools(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler")
+    d = tmp_path_factory.mktemp("benchbuild")
+    return {"loadgen": build_c("loadgen", d), "echo": build_c("echo", d)}
+
+
+@pytest.fixture
+def spawn():
+    procs: list[subprocess.Popen] = []
+
+    def _spawn(argv: list[str], **kw) -> subprocess.Popen:
+        p = subprocess.Popen(argv, **kw)
+        procs.append(p)
+        return p
+
+    yield _spawn
+    for p in procs:
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGKILL)
+        p.wait(5)
+
+
+def listening_ports(proc: subprocess.Popen, n: int) -> list[int]:
+    reader = LineReader(proc.stdout.fileno())
+    ports = []
+    for _ in range(n):
+        line = reader.readline(10)
+        assert line and line.startswith("listening on 127.0.0.1:"), line
+        ports.append(int(line.rsplit(":", 1)[1]))
+    return ports
+
+
+def sockets_of(pid: int) -> int:
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            n += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+        except FileNotFoundError:
+            pass
+    return n
+
+
+def loadgen(tools, *args: str) -> list[dict]:
+    r = subprocess.run(
+        [str(tools["loadgen"]), "--timeout", "15", *args],
+        capture_output=True,
+        text=True,
+        timeout=25,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    return [json.loads(line) for line in r.stdout.splitlines()]
+
+
+def echo_backends(tools, spawn) -> list[int]:
+    echo = spawn([str(tools["echo"])] + ["--listen", "127.0.0.1:0"] * 3, stdout=subprocess.PIPE)
+    return listening_ports(echo, 3)
+
+
+def test_pingpong_fixed_count_through_asyncio_protocol_peer(tools, spawn):
+    backends = echo_backends(tools, spawn)
+    argv = [
+        sys.executable,
+        str(REPO / "bench/peers/asyncio_protocol.py"),
+        "--listen",
+        "127.0.0.1:0",
+    ]
+    for p in backends:
+        argv += ["--backend", f"127.0.0.1:{p}"]
+    peer = spawn(argv, stdout=subprocess.PIPE)
+    (port,) = listening_ports(peer, 1)
+    sockets_before = sockets_of(peer.pid)
+
+    lg = spawn(
+        [
+            str(tools["loadgen"]),
+            "--mode",
+            "pingpong",
+            "--port",
+            str(port),
+            "--conns",
+            "2",
+            "--count",
+            "200",
+            "--warmup",
+            "0.1",
+            "--timeout",
+            "15",
+            "--gate",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    reader = LineReader(lg.stdout.fileno())
+    ready = json.loads(reader.readline(10))
+    assert ready["event"] == "ready" and ready["connected"] == 2
+    # each client connection costs the proxy two sockets: its own and the backend's
+    assert sockets_of(peer.pid) - sockets_before == 4
+    lg.stdin.write(b"go\n")
+    lg.stdin.flush()
+    result = json.loads(reader.readline(10))
+    lg.stdin.close()
+    assert lg.wait(5) == 0
+
+    assert result["event"] == "result" and result["mode"] == "pingpong"
+    assert result["count"] == 200 and result["lat_us"]["n"] == 200
+    assert result["bytes_sent"] == result["bytes_recv"] == 200 * 64
+    assert result["errors"] == 0
+    lat = result["lat_us"]
+    assert 0 < lat["p50"] <= lat["p99"] <= lat["p999"] <= lat["max"]
+    assert result["duration_s"] > 0
+    assert result["rate"] == pytest.approx(200 / result["duration_s"], rel=1e-3)
+    assert peer.poll() is None
+
+
+def test_gated_bulk_and_churn_against_echo(tools, spawn):
+    (port, _, _) = echo_backends(tools, spawn)
+    lg = spawn(
+        [
+            str(tools["loadgen"]),
+            "--mode",
+            "bulk",
+            "--port",
+            str(port),
+            "--conns",
+            "2",
+            "--duration",
+            "0.2",
+            "--warmup",
+            "0.05",
+            "--timeout",
+            "15",
+            "--gate",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    reader = LineReader(lg.stdout.fileno())
+    ready = json.loads(reader.readline(10))
+    assert ready["event"] == "ready" and ready["connected"] == 2
+    # gated: nothing is measured until the harness says go
+    lg.stdin.write(b"go\n")
+    lg.stdin.flush()
+    result = json.loads(reader.readline(10))
+    assert result["event"] == "result" and result["mode"] == "bulk"
+    assert 0 < result["bytes_recv"] <= result["bytes_sent"]
+    assert lg.poll() is None  # waits at the second gate
+    lg.stdin.write(b"end\n")
+    lg.stdin.flush()
+    assert lg.wait(5) == 0
+
+    (result,) = [
+        e
+        for e in loadgen(
+            tools,
+            "--mode",
+            "churn",
+            "--port",
+            str(port),
+            "--conns",
+            "5",
+            "--count",
+            "100",
+            "--warmup",
+            "0.05",
+        )
+        if e["event"] == "result"
+    ]
+    assert result["count"] == 100 and result["errors"] == 0
+
+
+def test_idle_connections_are_held(tools, spawn):
+    (port, _, _) = echo_backends(tools, spawn)
+    ready, result = loadgen(tools, "--mode", "idle", "--port", str(port), "--conns", "300")
+    assert ready["connected"] == 300 and ready["connect_failed"] == 0
+    assert result["connected"] == 300
+
+
+def test_strace_summary_parse():
+    text = """% time     seconds  usecs/call     calls    errors syscall
+------ ----------- ----------- --------- --------- ----------------
+ 50.00    0.000210           7      4000           sendto
+ 40.00    0.000173           5      4000        13 recvfrom
+ 10.00    0.000071           3        81           epoll_wait
+------ ----------- ----------- --------- --------- ----------------
+100.00    0.000454           4      8081        13 total
+"""
+    assert parse_summary(text) == {
+        "sendto": {"calls": 4000, "errors": 0},
+        "recvfrom": {"calls": 4000, "errors": 13},
+        "epoll_wait": {"calls": 81, "errors": 0},
+    }
