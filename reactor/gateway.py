@@ -68,7 +68,7 @@ def make_backends(cfg: Config, resolved: dict[str, list[tuple[str, int]]] | None
                 addrs = resolve_backend(bc)
             except OSError as exc:
                 if not bc.resolve:
-                    raise bind_error("backend", bc.address, exc) from None
+                    raise
                 log.warning("event=resolve_failed backend=%s error=%s", bc.address, exc)
                 addrs = []
         base = bc.name or bc.address

@@ -98,8 +98,8 @@ def test_unknown_backend_host():
     r = reactor("gateway", "--listen", "127.0.0.1:0", "--backend", "no-such-host.invalid:9000",
                 "--admin", "off")
     assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, r.stderr
-    assert r.stderr.startswith("reactor gateway: backend no-such-host.invalid:9000: cannot resolve host")
-    assert r.stderr.count("\n") == 1
+    assert r.stderr.startswith("reactor gateway: ") and r.stderr.count("\n") == 1, r.stderr
+    assert "cannot resolve" in r.stderr and "no-such-host.invalid" in r.stderr, r.stderr
 
 
 def test_unknown_admin_host():

@@ -35,7 +35,7 @@ from tests.faults import (
     wait_access,
     write_config,
 )
-from tests.helpers import ADDR_RE, ROOT, recv_all, wait_for
+from tests.helpers import ADDR_RE, ROOT, Proc, recv_all, wait_for
 
 # -- the admin endpoint binds loopback unless told otherwise --------------------------------
 
@@ -223,16 +223,25 @@ def test_admin_never_reads_files_or_runs_commands(spawn, tmp_path):
 
 # -- reactor fds: a permission error, never partial data --------------------------------------------
 
-@pytest.fixture
-def root_gateway(spawn):
+@pytest.fixture(scope="module")
+def root_gateway():
+    """One root-owned gateway with a live relay, shared by the tests below (they
+    only read it); killed by pid at the end of the module."""
     if os.getuid() != 0:
         pytest.skip("needs root, to look at a root process as nobody")
-    backend = echo_backend(spawn)
-    g = start_gateway(spawn, spec(backend), admin=False)
-    with socket.create_connection(g.addr, timeout=10) as c:  # something worth hiding
-        c.sendall(b"x")
-        assert c.recv(1) == b"x"
-        yield g
+    procs = []
+    try:
+        backend = Proc(["serve", "--listen", "127.0.0.1:0", "--mode", "echo"])
+        procs.append(backend)
+        g = Proc(["gateway", "--listen", "127.0.0.1:0", "--admin", "off", "--backend", spec(backend)])
+        procs.append(g)
+        with socket.create_connection(g.addr, timeout=10) as c:  # something worth hiding
+            c.sendall(b"x")
+            assert c.recv(1) == b"x"
+            yield g
+    finally:
+        for p in procs:
+            p.kill()
 
 
 @pytest.mark.parametrize("extra", [(), ("--json",), ("--watch", "0.1", "--count", "2"),
