@@ -123,8 +123,18 @@ class Baseline:
 
     def __init__(self, g) -> None:
         self.g = g
-        # health checks open short-lived sockets: wait for a moment without one
-        self.fds = wait_for(lambda: self._quiet_fds(), timeout=5, what="an idle gateway")
+        # health checks open short-lived sockets, relays of a warm-up may still be
+        # closing: wait for the fd count to hold still, then read the socket tables
+        # (a walk of the host's whole /proc/net/tcp: once, not per poll)
+        prev = [-1]
+
+        def settled():
+            n = self.fd_count()
+            if n != prev[0]:
+                prev[0] = n
+                return None
+            return self._quiet_sample()
+        self.fds, self.states = wait_for(settled, timeout=10, interval=0.1, what="an idle gateway")
 
     def pids(self) -> list[int]:
         try:
@@ -136,7 +146,7 @@ class Baseline:
     def fd_count(self) -> int:
         return sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in self.pids())
 
-    def states(self) -> collections.Counter:
+    def states_now(self) -> collections.Counter:
         c: collections.Counter = collections.Counter()
         for pid in self.pids():
             c += inet_states(pid)
@@ -145,11 +155,16 @@ class Baseline:
     def rss(self) -> int:
         return sum(rss(pid) for pid in self.pids())
 
-    def _quiet_fds(self) -> int | None:
+    def _quiet_sample(self) -> tuple[int, dict] | None:
+        """(fd count, socket states) when no connection is open, else None. Sockets
+        in no table ("UNLISTED") are allowed: a supervisor's bound, never-listening
+        port reservation is one."""
         # the count must not move while the tables are read: closing relays race the read
         n = self.fd_count()
-        quiet = set(self.states()) <= {"LISTEN"}
-        return n if quiet and self.fd_count() == n else None
+        states = dict(self.states_now())
+        if set(states) <= {"LISTEN", "UNLISTED"} and self.fd_count() == n:
+            return n, states
+        return None
 
     def check(self) -> str | None:
         """None when back at baseline, else what differs (for the failure message)."""
@@ -159,12 +174,12 @@ class Baseline:
         n = self.fd_count()
         if n != self.fds:  # cheap: the socket tables are read only once the count is right
             return f"fds {n} (baseline {self.fds})"
-        extra = {k: v for k, v in self.states().items() if k != "LISTEN"}
+        states = dict(self.states_now())
         stats = admin_stats(self.g)
         active = stats["connections"]["active"] if stats is not None else 0
-        if not extra and active == 0:
+        if states == self.states and active == 0:
             return None
-        return f"fds {n} (baseline {self.fds}), sockets {dict(extra)}, relays {active}"
+        return f"fds {n} (baseline {self.fds}), sockets {states} (baseline {self.states}), relays {active}"
 
     def wait_back(self, timeout: float = 10.0) -> None:
         last = {"why": ""}

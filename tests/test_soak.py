@@ -68,7 +68,6 @@ def idle_connections(spawn, n: int, timeout: float, workers: int = 1) -> None:
     for s in open_idle(g.addr, 50 * workers):
         s.close()
     base = Baseline(g)
-    base.wait_back()
     rss0 = base.rss()
     t0 = time.monotonic()
     socks = open_idle(g.addr, n)
@@ -82,7 +81,7 @@ def idle_connections(spawn, n: int, timeout: float, workers: int = 1) -> None:
         for s in random.Random(3).sample(socks, min(100, n)):
             s.sendall(b"again")
             assert s.recv(16) == b"again"
-        print(f"\n{n} idle connections ({workers} gateway process(es)) opened in {opened:.1f}s: "
+        print(f"\n{n} idle connections (--workers {workers}) opened in {opened:.1f}s: "
               f"gateway RSS {rss0 / 2**20:.1f} -> {rss1 / 2**20:.1f} MiB, "
               f"{per_conn / 1024:.2f} KiB per idle connection (bound {RSS_PER_CONN_BOUND / 1024:.0f} KiB)")
         assert per_conn <= RSS_PER_CONN_BOUND, f"{per_conn:.0f} bytes per idle connection"
