@@ -33,7 +33,11 @@ sysdeps:
 
 install: $(VENV)/.base
 
+# The demo suggests `nc`; fetch it when missing (best effort: the demo runs regardless).
 run: $(VENV)/.base
+	@command -v nc >/dev/null || [ "$$(id -u)" != 0 ] || \
+	  ($(APT) update >/dev/null && $(APT) install netcat-openbsd >/dev/null) || \
+	  echo "(could not install netcat-openbsd: use any TCP client to try the demo)"
 	$(VENV)/bin/reactor demo
 
 serve: $(VENV)/.base

@@ -439,7 +439,7 @@ class _Spoofcheck:
         if head.startswith(b"PROXY ") or (len(head) >= 6 and _V2_SIG.startswith(head)):
             raise ProxyProtocolError("PROXY header from untrusted source")
         if relay.backend is not None:
-            relay._cside.data_received = relay.backend.write
+            relay.client.peer = relay.backend
             relay.backend.write(view)
         else:
             relay._hold(view)

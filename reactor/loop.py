@@ -93,7 +93,6 @@ class Loop:
     def __init__(self) -> None:
         self._epoll = select.epoll()
         self._handlers: dict[int, Callable[[int], None]] = {}
-        self._masks: dict[int, int] = {}
         self._ready: collections.deque[Handle] = collections.deque()
         # Timers: heap of (when, seq, handle). seq keeps equal deadlines FIFO.
         self._timers: list[tuple[float, int, Handle]] = []
@@ -128,20 +127,26 @@ class Loop:
         self._epoll.register(fd, mask)
         self.syscalls["epoll_ctl"] += 1
         self._handlers[fd] = handler
-        self._masks[fd] = mask
 
     def modify(self, fd: int, mask: int) -> None:
-        """Change the interest mask; a no-op (no syscall) when it is unchanged."""
-        if self._masks.get(fd) == mask:
-            return
+        """Change the interest mask (one epoll_ctl).
+
+        The loop keeps no table of masks -- a dict entry per fd is memory an
+        idle connection should not pay for. Callers that own an fd know its
+        mask and call this only when it really changes (``Stream._set_mask``).
+        """
         self._epoll.modify(fd, mask)
         self.syscalls["epoll_ctl"] += 1
-        self._masks[fd] = mask
+
+    def set_handler(self, fd: int, mask: int, handler: Callable[[int], None]) -> None:
+        """Hand a registered fd to a new handler with a new mask: one
+        epoll_ctl instead of unregister + register (a connect completing)."""
+        self._handlers[fd] = handler
+        self.modify(fd, mask)
 
     def unregister(self, fd: int) -> None:
         if self._handlers.pop(fd, None) is None:
             return
-        del self._masks[fd]
         try:
             self._epoll.unregister(fd)
         except (OSError, ValueError):  # already closed elsewhere: nothing to undo
@@ -298,11 +303,13 @@ class Loop:
                         self.events_max = n
                     # 2. dispatch, all events of this wait in one batch
                     for fd, mask in events:
-                        handler = handlers.get(fd)
-                        if handler is None:
-                            continue  # unregistered by an earlier event of this batch
                         try:
-                            handler(mask)
+                            handlers[fd](mask)
+                        except KeyError:
+                            # unregistered by an earlier event of this batch
+                            # -- unless the KeyError came from the handler
+                            if fd in handlers:
+                                log.exception("event=handler_error fd=%d", fd)
                         except Exception:
                             log.exception("event=handler_error fd=%d", fd)
                 # 3. expire timers

@@ -22,7 +22,7 @@ Close reasons (the access log's ``reason=``): ``client_eof`` and
 
 Discussion: the hot path
 ------------------------
-Once both ends are up, ``client.protocol.data_received`` *is* the backend
+Once both ends are up, the client stream's ``peer`` *is* the backend
 stream's bound ``write`` (and vice versa): a readable event costs one
 ``recv_into``, one ``send``, and no relay code in between. The relay only
 runs for the rare events: connect, EOF, errors, watermarks, close.
@@ -49,34 +49,34 @@ access_log = logging.getLogger("reactor.access")
 _IN_PROGRESS = (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY)
 
 
-class _Side:
-    """Protocol for one stream of the pair; calls go to the relay or straight
-    to the peer stream (``data_received`` is rebound to ``peer.write``)."""
+class _BackendSide:
+    """The backend stream's protocol: the rare events go to the relay.
+    (The data itself does not pass here: see "the hot path" above.)
+    The relay itself is the client stream's protocol."""
 
-    __slots__ = ("relay", "is_client", "data_received")
+    __slots__ = ("relay",)
 
-    def __init__(self, relay: Relay, is_client: bool) -> None:
+    def __init__(self, relay: Relay) -> None:
         self.relay = relay
-        self.is_client = is_client
-        self.data_received = relay._hold if is_client else relay._unexpected
+
+    def data_received(self, view: memoryview) -> None:  # pragma: no cover
+        self.relay.client.write(view)  # the backend stream starts with peer = client
 
     def eof_received(self) -> None:
-        self.relay._eof(self.is_client)
+        self.relay._eof(False)
 
     def eof_sent(self) -> None:
         self.relay._maybe_done()
 
     def pause_writing(self) -> None:
-        # this side's outbound queue is full: stop reading the other side
-        self.relay._other(self.is_client).pause_reading()
+        # the backend's outbound queue is full: stop reading the client
+        self.relay.client.pause_reading()
 
     def resume_writing(self) -> None:
-        other = self.relay._other(self.is_client)
-        if other is not None:
-            other.resume_reading()
+        self.relay.client.resume_reading()
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self.relay._lost(self.is_client, exc)
+        self.relay._lost(False, exc)
 
 
 class Relay:
@@ -84,8 +84,8 @@ class Relay:
 
     __slots__ = (
         "gateway", "loop", "client", "backend", "client_addr", "backend_info", "started",
-        "reason", "closed", "pending", "tried", "connect_sock", "connect_timer", "_cside",
-        "_bside", "_client_eof", "idle_mark", "idle_since", "proxy_parser", "proxy_timer",
+        "reason", "closed", "pending", "tried", "connect_sock", "timer",
+        "_client_eof", "idle_mark", "idle_since", "proxy_parser",
         "local_addr", "ip_key",
     )
 
@@ -95,36 +95,51 @@ class Relay:
         self.client_addr = addr
         self.local_addr: tuple | None = None
         self.ip_key: str | None = None
-        self.started = time.time()
+        self.started = self.loop.now  # shared float: no allocation per relay
         self.reason = ""
         self.closed = False
         self.pending: bytearray | None = None
-        self.tried: set[Backend] = set()
+        self.tried: tuple[Backend, ...] = ()  # a set would cost 216 bytes per relay
         self.backend_info: Backend | None = None
         self.backend: Stream | None = None
         self.connect_sock: socket.socket | None = None
-        self.connect_timer = None
+        self.timer = None
         self.proxy_parser = None
-        self.proxy_timer = None
         self._client_eof = False
         self.idle_mark = -1
-        self.idle_since = self.loop.now
-        self._cside = _Side(self, True)
-        self._bside = _Side(self, False)
-        self.client = Stream(self.loop, sock, self._cside, role="client",
+        self.idle_since = self.started
+        self.client = Stream(self.loop, sock, self, role="client",
                              high_water=gateway.buffer_limit)
 
     def __repr__(self) -> str:
         b = self.backend_info.name if self.backend_info else "-"
         return f"<Relay {_fmt(self.client_addr)} -> {b} client={self.client!r} backend={self.backend!r}>"
 
+    # -- the client stream's protocol ---------------------------------------
+
+    def data_received(self, view: memoryview) -> None:
+        # only until the backend is connected: then client.peer takes over
+        self._hold(view)
+
+    def eof_received(self) -> None:
+        self._eof(True)
+
+    def eof_sent(self) -> None:
+        self._maybe_done()
+
+    def pause_writing(self) -> None:
+        # the client's outbound queue is full: stop reading the backend
+        if self.backend is not None:
+            self.backend.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.backend is not None:
+            self.backend.resume_reading()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._lost(True, exc)
+
     # -- helpers ------------------------------------------------------------
-
-    def _other(self, is_client: bool) -> Stream | None:
-        return self.backend if is_client else self.client
-
-    def _unexpected(self, view: memoryview) -> None:  # pragma: no cover - backend side starts bound
-        self.client.write(view)
 
     def _hold(self, view: memoryview) -> None:
         """Client data before the backend is connected: keep it, within the limit."""
@@ -150,7 +165,7 @@ class Relay:
         if backend is None:
             self.finish("no_backend" if not self.tried else "connect_failed")
             return
-        self.tried.add(backend)
+        self.tried += (backend,)
         self.backend_info = backend
         backend.active += 1
         backend.total += 1
@@ -173,14 +188,14 @@ class Relay:
             return
         self.connect_sock = sock
         self.loop.register(sock.fileno(), EPOLLOUT, self._on_connect_event)
-        self.connect_timer = self.loop.call_later(gw.connect_timeout, self._connect_timeout)
+        self.timer = self.loop.call_later(gw.connect_timeout, self._connect_timeout)
 
     def _on_connect_event(self, _mask: int) -> None:
         sock = self.connect_sock
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         self.loop.syscalls["getsockopt"] += 1
-        self.loop.cancel_timer(self.connect_timer)
-        self.connect_timer = None
+        self.loop.cancel_timer(self.timer)
+        self.timer = None
         if err:
             self._abandon_connect()
             self._connect_failed(self.backend_info, err)
@@ -189,7 +204,7 @@ class Relay:
         self._connected(sock)
 
     def _connect_timeout(self) -> None:
-        self.connect_timer = None
+        self.timer = None
         if self.connect_sock is None:
             return
         self._abandon_connect()
@@ -224,11 +239,12 @@ class Relay:
     def _connected(self, sock: socket.socket) -> None:
         backend = self.backend_info
         backend.record_success(self.loop.now)
-        self.loop.unregister(sock.fileno())
-        b = Stream(self.loop, sock, self._bside, role="backend",
-                   high_water=self.gateway.buffer_limit)
-        self.backend = b
         client = self.client
+        b = Stream(self.loop, sock, _BackendSide(self), role="backend",
+                   high_water=self.gateway.buffer_limit, start=False)
+        b.peer = client
+        b.start(b.protocol, registered=True)  # the connect's epoll entry, re-aimed
+        self.backend = b
         if backend.send_proxy:
             b.write(self.gateway.proxy_header(backend.send_proxy, self))
         if self.pending:
@@ -237,8 +253,7 @@ class Relay:
         # the hot path: from now on a read on one side is a write on the other
         # (unless a PROXY-spoofing check still wants to see the first bytes)
         if self.proxy_parser is None:
-            self._cside.data_received = b.write
-        self._bside.data_received = client.write
+            client.peer = b
         if self._client_eof:
             b.write_eof()
         elif not client.reading and not client.eof_received and b.buffered < self.gateway.buffer_limit:
@@ -259,9 +274,9 @@ class Relay:
         if header is None:
             return
         self.proxy_parser = None
-        if self.proxy_timer is not None:
-            self.loop.cancel_timer(self.proxy_timer)
-            self.proxy_timer = None
+        if self.timer is not None:
+            self.loop.cancel_timer(self.timer)
+            self.timer = None
         if header.src is not None:
             self.client_addr = header.src
             self.local_addr = header.dst
@@ -275,10 +290,10 @@ class Relay:
         from reactor.proxyproto import ProxyHeaderParser
 
         self.proxy_parser = ProxyHeaderParser()
-        self.proxy_timer = self.loop.call_later(self.gateway.proxy_timeout, self._proxy_timeout)
+        self.timer = self.loop.call_later(self.gateway.proxy_timeout, self._proxy_timeout)
 
     def _proxy_timeout(self) -> None:
-        self.proxy_timer = None
+        self.timer = None
         if self.proxy_parser is not None and not self.closed:
             self.gateway.proxy_rejected += 1
             self.finish("proxy_timeout")
@@ -332,12 +347,9 @@ class Relay:
         self.closed = True
         if reason:
             self.reason = reason
-        if self.connect_timer is not None:
-            self.loop.cancel_timer(self.connect_timer)
-            self.connect_timer = None
-        if self.proxy_timer is not None:
-            self.loop.cancel_timer(self.proxy_timer)
-            self.proxy_timer = None
+        if self.timer is not None:
+            self.loop.cancel_timer(self.timer)
+            self.timer = None
         if self.connect_sock is not None:
             self._abandon_connect()
             self.backend_info.active -= 1
@@ -348,9 +360,6 @@ class Relay:
             self.backend_info.bytes_in += self.backend.bytes_out
             self.backend_info.bytes_out += self.backend.bytes_in
         self.pending = None
-        # break the cycles so the relay is freed by refcounting, not the GC
-        self._cside.data_received = None
-        self._bside.data_received = None
         self.gateway.relay_finished(self)
 
     def access_record(self) -> dict[str, Any]:
@@ -360,7 +369,7 @@ class Relay:
             "backend": b.name if b is not None and (self.backend is not None or self.tried) else "-",
             "bytes_in": self.client.bytes_in,
             "bytes_out": self.client.bytes_out,
-            "duration": round(time.time() - self.started, 6),
+            "duration": round(time.monotonic() - self.started, 6),
             "reason": self.reason,
         }
 

@@ -52,14 +52,48 @@ def shared_recv_buffer(loop: Loop) -> memoryview:
     return view
 
 
+_LOW_WATERS: dict[int, int] = {}
+
+
+def _low_water(high: int) -> int:
+    """A quarter of the high watermark, as one shared int (not one per stream)."""
+    low = _LOW_WATERS.get(high)
+    if low is None:
+        low = _LOW_WATERS[high] = high // 4
+    return low
+
+
+class _Shut:
+    """Sentinel for ``Stream._wbuf``: nothing may be written any more."""
+
+    __slots__ = ()
+
+    def __len__(self) -> int:
+        return 0
+
+    def __repr__(self) -> str:
+        return "<shut>"
+
+
+_SHUT = _Shut()
+
+
 class Stream:
-    """A connected, non-blocking TCP (or UNIX) socket driven by the loop."""
+    """A connected, non-blocking TCP (or UNIX) socket driven by the loop.
+
+    Discussion: one test on the write path
+    --------------------------------------
+    ``_wbuf`` carries three states in one slot, so ``write`` decides with a
+    single ``is None`` test: ``None`` (nothing queued: send now), a
+    ``bytearray`` (a tail is queued: append behind it), or ``_SHUT`` (EOF
+    sent or stream closed: drop). Likewise a relay sets ``peer``: what is
+    read is written straight to the peer stream, with no protocol call between.
+    """
 
     __slots__ = (
-        "loop", "sock", "fd", "protocol", "role", "_mask", "_wbuf", "_reading",
-        "_eof_sent", "_eof_pending", "_eof_received", "_closed", "_paused_peer",
-        "_high", "_low", "_parked", "_recv_into", "_send", "_view", "_sc",
-        "bytes_in", "bytes_out",
+        "loop", "sock", "protocol", "peer", "role", "_mask", "_wbuf", "_reading",
+        "_eof_pending", "_eof_received", "_closed", "_paused_peer", "_high", "_low",
+        "_parked", "_view", "_sc", "bytes_in", "bytes_out",
     )
 
     def __init__(self, loop: Loop, sock: socket.socket, protocol: Any = None, *,
@@ -67,22 +101,19 @@ class Stream:
                  low_water: int | None = None, nodelay: bool = True, start: bool = True) -> None:
         self.loop = loop
         self.sock = sock
-        self.fd = sock.fileno()
         self.protocol = protocol
+        self.peer: Stream | None = None
         self.role = role
         self._mask = 0
-        self._wbuf: bytearray | None = None
+        self._wbuf: bytearray | _Shut | None = None
         self._reading = False
-        self._eof_sent = False
         self._eof_pending = False
         self._eof_received = False
         self._closed = False
         self._paused_peer = False
         self._parked = False
         self._high = high_water
-        self._low = high_water // 4 if low_water is None else low_water
-        self._recv_into = sock.recv_into
-        self._send = sock.send
+        self._low = _low_water(high_water) if low_water is None else low_water
         self._view = shared_recv_buffer(loop)
         self._sc = loop.syscalls
         self.bytes_in = 0
@@ -98,14 +129,25 @@ class Stream:
 
     # -- setup -------------------------------------------------------------
 
-    def start(self, protocol: Any) -> None:
-        """Begin reading and delivering to ``protocol``."""
+    def start(self, protocol: Any, *, registered: bool = False) -> None:
+        """Begin reading and delivering to ``protocol`` (``registered``: the fd
+        is in epoll already, e.g. from a connect -- re-aim it, one epoll_ctl)."""
         self.protocol = protocol
         self._reading = True
         self._mask = EPOLLIN
-        self.loop.register(self.fd, EPOLLIN, self._on_event)
+        # The stream itself is the loop's handler (``__call__``): a bound
+        # method per fd would cost 64 bytes per idle connection.
+        if registered:
+            self.loop.set_handler(self.fd, EPOLLIN, self)
+        else:
+            self.loop.register(self.fd, EPOLLIN, self)
 
     # -- state -------------------------------------------------------------
+
+    @property
+    def fd(self) -> int:
+        # not stored: an fd above 256 is a 28-byte int object per stream
+        return self.sock.fileno()
 
     @property
     def closed(self) -> bool:
@@ -114,7 +156,7 @@ class Stream:
     @property
     def buffered(self) -> int:
         """Bytes queued for the kernel, not yet sent."""
-        return len(self._wbuf) if self._wbuf else 0
+        return len(self._wbuf) if self._wbuf is not None else 0
 
     @property
     def reading(self) -> bool:
@@ -122,7 +164,7 @@ class Stream:
 
     @property
     def eof_sent(self) -> bool:
-        return self._eof_sent
+        return self._wbuf is _SHUT and not self._closed
 
     @property
     def eof_received(self) -> bool:
@@ -132,10 +174,10 @@ class Stream:
         if self._closed:
             return f"<Stream {self.role} closed in={self.bytes_in} out={self.bytes_out}>"
         read = "polling" if self._reading else ("eof" if self._eof_received else "paused")
-        if self._wbuf:
-            write = f"<polling, bufsize={len(self._wbuf)}>"
-        elif self._eof_sent:
+        if self._wbuf is _SHUT:
             write = "shut"
+        elif self._wbuf:
+            write = f"<polling, bufsize={len(self._wbuf)}>"
         else:
             write = "<idle, bufsize=0>"
         return (f"<Stream {self.role} fd={self.fd} read={read} write={write} "
@@ -144,15 +186,39 @@ class Stream:
     # -- epoll ------------------------------------------------------------
 
     def _set_mask(self, mask: int) -> None:
+        # Only a real change costs an epoll_ctl (the loop keeps no mask table).
         if mask != self._mask:
             self._mask = mask
             if not self._parked:
                 self.loop.modify(self.fd, mask)
 
     def _on_event(self, events: int) -> None:
+        if events == EPOLLIN:
+            # The hot path, inlined: one recv_into, then straight to the
+            # receiver (for a relay: the peer stream's write).
+            try:
+                n = self.sock.recv_into(self._view)
+            except (BlockingIOError, InterruptedError):
+                self._sc["recv"] += 1
+                return
+            except OSError as exc:
+                self._sc["recv"] += 1
+                self._fatal(exc)
+                return
+            self._sc["recv"] += 1
+            if n:
+                self.bytes_in += n
+                peer = self.peer
+                if peer is not None:
+                    peer.write(self._view[:n])
+                else:
+                    self.protocol.data_received(self._view[:n])
+            else:
+                self._got_eof()
+            return
         if events & EPOLLERR:
-            # The kernel has a pending error (RST, unreachable): reading it out
-            # through recv gives the real errno for the log and the close reason.
+            # The kernel has a pending error (RST, unreachable): SO_ERROR gives
+            # the real errno for the log and the close reason.
             self._read_error()
             return
         if events & EPOLLOUT:
@@ -160,12 +226,14 @@ class Stream:
             if self._closed:
                 return
         if events & EPOLLIN:
-            self._on_readable()
+            self._on_event(EPOLLIN)
         elif events & EPOLLHUP and not self._reading:
             # HUP is reported whatever the mask says; with reading paused the
             # fd would be reported on every wait (a busy loop). Park it: out of
             # epoll until reading resumes. See loop.py "fd reuse and epoll".
             self._park()
+
+    __call__ = _on_event  # the loop calls the stream itself
 
     def _park(self) -> None:
         if not self._parked:
@@ -175,31 +243,17 @@ class Stream:
     def _read_error(self) -> None:
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         self._sc["getsockopt"] += 1
-        exc = ConnectionResetError(err, errno.errorcode.get(err, str(err))) if err else ConnectionResetError(
-            errno.ECONNRESET, "connection reset")
-        self._fatal(exc)
+        if not err:
+            err = errno.ECONNRESET
+        self._fatal(ConnectionResetError(err, errno.errorcode.get(err, str(err))))
 
     # -- reading -----------------------------------------------------------
 
-    def _on_readable(self) -> None:
-        try:
-            n = self._recv_into(self._view)
-        except (BlockingIOError, InterruptedError):
-            self._sc["recv"] += 1
-            return
-        except OSError as exc:
-            self._sc["recv"] += 1
-            self._fatal(exc)
-            return
-        self._sc["recv"] += 1
-        if n:
-            self.bytes_in += n
-            self.protocol.data_received(self._view[:n])
-        else:
-            self._eof_received = True
-            self._reading = False
-            self._set_mask(self._mask & ~EPOLLIN)
-            self.protocol.eof_received()
+    def _got_eof(self) -> None:
+        self._eof_received = True
+        self._reading = False
+        self._set_mask(self._mask & ~EPOLLIN)
+        self.protocol.eof_received()
 
     def pause_reading(self) -> None:
         if self._reading:
@@ -213,7 +267,7 @@ class Stream:
             if self._parked:
                 self._parked = False
                 self._mask = mask
-                self.loop.register(self.fd, mask, self._on_event)
+                self.loop.register(self.fd, mask, self)
             else:
                 self._set_mask(mask)
 
@@ -221,17 +275,11 @@ class Stream:
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Send now; queue only what the kernel did not take."""
-        if self._closed or self._eof_sent or self._eof_pending:
-            return
-        wbuf = self._wbuf
-        if wbuf:
-            wbuf += data
-            if not self._paused_peer and len(wbuf) > self._high:
-                self._paused_peer = True
-                self.protocol.pause_writing()
+        if self._wbuf is not None:
+            self._write_behind(data)
             return
         try:
-            n = self._send(data)
+            n = self.sock.send(data)
         except (BlockingIOError, InterruptedError):
             n = 0
         except OSError as exc:
@@ -240,11 +288,19 @@ class Stream:
             return
         self._sc["send"] += 1
         self.bytes_out += n
-        if n == len(data):
-            return
-        self._wbuf = bytearray(data[n:])
-        self._set_mask(self._mask | EPOLLOUT)
-        if len(self._wbuf) > self._high and not self._paused_peer:
+        if n != len(data):
+            self._wbuf = bytearray(data[n:])
+            self._set_mask(self._mask | EPOLLOUT)
+            if len(self._wbuf) > self._high:
+                self._paused_peer = True
+                self.protocol.pause_writing()
+
+    def _write_behind(self, data: bytes | bytearray | memoryview) -> None:
+        wbuf = self._wbuf
+        if wbuf is _SHUT or self._eof_pending:
+            return  # after write_eof/close nothing more may go out
+        wbuf += data
+        if not self._paused_peer and len(wbuf) > self._high:
             self._paused_peer = True
             self.protocol.pause_writing()
 
@@ -252,7 +308,7 @@ class Stream:
         wbuf = self._wbuf
         if wbuf:
             try:
-                n = self._send(wbuf)
+                n = self.sock.send(wbuf)
             except (BlockingIOError, InterruptedError):
                 self._sc["send"] += 1
                 return
@@ -270,14 +326,15 @@ class Stream:
                     return
             if wbuf:
                 return
-        self._wbuf = None
+        if wbuf is not _SHUT:
+            self._wbuf = None
         self._set_mask(self._mask & ~EPOLLOUT)
         if self._eof_pending:
             self._shutdown_now()
 
     def write_eof(self) -> None:
         """Half-close: ``shutdown(SHUT_WR)`` once the queue has drained."""
-        if self._closed or self._eof_sent or self._eof_pending:
+        if self._closed or self._wbuf is _SHUT or self._eof_pending:
             return
         if self._wbuf:
             self._eof_pending = True
@@ -286,7 +343,7 @@ class Stream:
 
     def _shutdown_now(self) -> None:
         self._eof_pending = False
-        self._eof_sent = True
+        self._wbuf = _SHUT
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError as exc:
@@ -321,7 +378,8 @@ class Stream:
                 self._sc["setsockopt"] += 1
             except OSError:
                 pass
-        self._wbuf = None
+        self._wbuf = _SHUT
+        self.peer = None
         self.sock.close()
         self._sc["close"] += 1
 

@@ -814,14 +814,22 @@ def _cli_as_nobody(argv: list[str]) -> tuple[int, str, str]:
         try:
             os.dup2(out_w, 1)
             os.dup2(err_w, 2)
-            os.setgid(65534)
-            os.setuid(65534)
             sys.stdout = open(1, "w", closefd=False)
             sys.stderr = open(2, "w", closefd=False)
-            from reactor.cli import main
+            # import everything while still root: the checkout may live in a
+            # directory nobody may read (a CI clone under mktemp -d is 0700)
+            from reactor.cli import build_parser, main
 
+            build_parser()
+            os.setgid(65534)
+            os.setuid(65534)
             rc = main(argv)
             sys.stdout.flush()
+            sys.stderr.flush()
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
             sys.stderr.flush()
         finally:
             os._exit(rc)
@@ -898,3 +906,30 @@ def test_no_reactor_process_is_one_line_exit_1():
     )
     assert (r.returncode, r.stdout) == (1, "")
     assert r.stderr == "reactor fds: no running reactor process found (give a PID or --port)\n"
+
+
+@needs_ss
+def test_reactor_serve_100_connections_fds_json_matches_ss(spawn):
+    """The issue's own check: 100 connections to `reactor serve`; `reactor fds PID --json`
+    lists 1 LISTEN + 100 ESTABLISHED sockets, the loop's epoll fd watching them all, and
+    agrees with `ss -tanpe` on every inode, address, port and state."""
+    p = spawn("serve", "--listen", "127.0.0.1:0", "--mode", "echo")
+    port = p.addr[1]
+    conns = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(100)]
+    try:
+        for c in conns:  # a round trip each: every connection is accepted and registered
+            c.sendall(b"x")
+            assert c.recv(1) == b"x"
+        rows = fds_json(str(p.pid))
+        tcp = [r for r in rows if r["proto"] == "tcp"]
+        assert [r["state"] for r in tcp].count("LISTEN") == 1
+        est = [r for r in tcp if r["state"] == "ESTABLISHED"]
+        assert len(est) == 100 and len(tcp) == 101
+        assert {r["remote"] for r in est} == {_ep(c) for c in conns}
+        assert {r["local"] for r in est} == {f"127.0.0.1:{port}"}
+        epoll = [r for r in rows if r["type"] == "epoll"]
+        assert len(epoll) == 1  # the loop's own epoll fd
+        assert_agrees_with_ss(p.pid, rows)
+    finally:
+        for c in conns:
+            c.close()
