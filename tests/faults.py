@@ -214,7 +214,15 @@ def wait_access(g, n: int, timeout: float = 10.0) -> list[tuple]:
     def found():
         lines = access_records(g)
         return lines if len(lines) >= n else None
-    return wait_for(found, timeout=timeout, what=f"{n} access lines")
+    try:
+        return wait_for(found, timeout=timeout, what=f"{n} access lines")
+    except AssertionError:
+        lines = access_records(g)
+        other = [x for x in g.stderr_text().splitlines() if "event=access" not in x]
+        raise AssertionError(
+            f"{len(lines)} of {n} access lines after {timeout}s; reasons "
+            f"{dict(collections.Counter(r[5] for r in lines))}; gateway fds {g.fd_count()}, "
+            f"sockets {dict(inet_states(g.pid))}; other log lines: {other[-10:]}") from None
 
 
 # -- limits -------------------------------------------------------------------------
