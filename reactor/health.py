@@ -98,10 +98,9 @@ class HealthChecker:
         check = _Check(self, backend)
         sc = self.loop.syscalls
         try:
-            sock = socket.socket(backend.family, socket.SOCK_STREAM)  # type: ignore[attr-defined]
+            sock = socket.socket(backend.family,  # type: ignore[attr-defined]
+                                 socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
             sc["socket"] += 1
-            sock.setblocking(False)
-            sc["ioctl"] += 1
             err = sock.connect_ex(backend.address)
             sc["connect"] += 1
         except OSError as exc:

@@ -19,6 +19,7 @@ closing a spare fd to accept-and-close would instead refuse them.)
 
 from __future__ import annotations
 
+import _socket
 import errno
 import logging
 import socket
@@ -134,8 +135,10 @@ class Listener:
                 self._exhausted(exc)  # unknown: back off rather than spin
                 return
             sc["accept"] += 1
-            # Passing family/type/proto skips CPython's three getsockopt probes.
-            conn = socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd)
+            # The C socket type (no Python-level wrapper to build and tear down
+            # per connection); passing family/type/proto skips CPython's three
+            # getsockopt probes.
+            conn = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
             conn.setblocking(False)
             sc["ioctl"] += 1
             self.accepted += 1

@@ -30,6 +30,7 @@ runs for the rare events: connect, EOF, errors, watermarks, close.
 
 from __future__ import annotations
 
+import _socket
 import errno
 import logging
 import socket
@@ -47,6 +48,7 @@ log = logging.getLogger("reactor.relay")
 access_log = logging.getLogger("reactor.access")
 
 _IN_PROGRESS = (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY)
+_STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
 
 
 class _BackendSide:
@@ -170,10 +172,10 @@ class Relay:
         backend.active += 1
         backend.total += 1
         try:
-            sock = socket.socket(backend.family, socket.SOCK_STREAM)
+            # the C socket type, created non-blocking: no ioctl, and none of
+            # socket.socket's Python-level __init__/close wrappers per connection
+            sock = _socket.socket(backend.family, _STREAM_NONBLOCK)
             self.loop.syscalls["socket"] += 1
-            sock.setblocking(False)
-            self.loop.syscalls["ioctl"] += 1
             err = sock.connect_ex(backend.address)
             self.loop.syscalls["connect"] += 1
         except OSError as exc:  # EMFILE and friends: this backend is not at fault
