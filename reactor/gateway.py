@@ -191,7 +191,7 @@ class Gateway:
         self._schedule_sweep()
 
     def _configure_pipes(self) -> None:
-        limit = self.pipes.configure(self.max_connections, self.buffer_limit)
+        limit = self.pipes.configure(self.max_connections, self.buffer_limit, len(self.balancer.backends))
         if limit == 0:
             log.warning("event=splice_disabled reason=fd_budget max_connections=%d fd_limit=%s "
                         "hint=raise_RLIMIT_NOFILE_or_lower_max_connections",
@@ -275,6 +275,8 @@ class Gateway:
         self._apply_settings(new)
         added, removed = self.set_backends(backends)
         self.balancer.set_policy(new.gateway.balance)
+        if self.pipes is not None:
+            self._configure_pipes()  # max_connections or buffer_limit may have changed
         self._setup_access_log(new)
         self.health.reconfigure()
         if self._sweep_timer is None and not self.draining:

@@ -103,18 +103,23 @@ class PipePool:
         self.refused = 0  # wanted, but the fd budget was spent
         self.failed = 0  # pipe2 failed (EMFILE, ENFILE)
         self.size = DEFAULT_PIPE_SIZE
+        self.base_fds: int | None = None
 
     def configure(self, max_connections: int, buffer_limit: int = DEFAULT_PIPE_SIZE,
-                  reserve: int | None = None) -> int:
+                  backends: int = 0) -> int:
         """Set the budget so that pipes never take an fd ``max_connections``
-        relays (2 sockets each) may need; returns it (in pipes). Pipes hold
+        relays (2 sockets each) may need; returns it (in pipes). The reserve
+        is what is open at the first call (listeners, epoll, admin...) plus
+        ``FD_RESERVE`` plus one per backend (health checks). Pipes hold
         ``buffer_limit`` bytes, as a recv/send direction queues at most that
         much (the kernel rounds up to a power of two pages; it caps at
-        /proc/sys/fs/pipe-max-size for an unprivileged process)."""
+        /proc/sys/fs/pipe-max-size for an unprivileged process). Called again
+        on reload: pipes made before keep their size."""
         self.size = max(_PAGE, min(buffer_limit, _pipe_max_size()))
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if reserve is None:
-            reserve = len(os.listdir("/proc/self/fd")) + FD_RESERVE
+        if self.base_fds is None:
+            self.base_fds = len(os.listdir("/proc/self/fd"))
+        reserve = self.base_fds + FD_RESERVE + backends
         if soft == resource.RLIM_INFINITY:
             self.limit = 2 * max_connections
         else:

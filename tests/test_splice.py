@@ -342,3 +342,44 @@ def test_fd_budget_keeps_room_for_max_connections(spawn, echo):
         assert recv_exact(c, 100000) == b"x" * 100000
     sp = g.stats()["splice"]
     assert sp["max_pipes"] == 0 and sp["pipes_refused"] >= 1 and sp["pipes_created"] == 0
+
+
+# -- the pool itself, in process --------------------------------------------------------
+
+def test_pipe_pool_budget_reuse_and_cap():
+    import resource
+
+    from reactor.loop import Loop
+    from reactor.splice import FD_RESERVE, PipePool
+
+    loop = Loop()
+    try:
+        pool = PipePool(loop)
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        m = 100
+        limit = pool.configure(m, 1 << 20, backends=3)
+        assert limit == min(2 * m, (soft - pool.base_fds - FD_RESERVE - 3 - 2 * m) // 2)
+        assert pool.size == min(1 << 20, int(open("/proc/sys/fs/pipe-max-size").read()))
+        pool.limit, pool.keep = 3, 2
+        pipes = [pool.acquire() for _ in range(3)]
+        assert all(pipes) and pool.acquire() is None and pool.refused == 1
+        import fcntl
+        assert fcntl.fcntl(pipes[0].w, fcntl.F_GETPIPE_SZ) == pool.size
+        pipes[0].queued = 5  # still holds bytes: closed, never pooled
+        fds = [(p.r, p.w) for p in pipes]
+        for p in pipes:
+            pool.release(p)
+        assert pool.in_use == 0 and len(pool.free) == 2 and pool.closed == 1
+        for fd in fds[0]:
+            with pytest.raises(OSError):
+                os.fstat(fd)
+        again = pool.acquire()
+        assert again is pipes[2] and pool.reused == 1  # the last released comes back first
+        pool.release(again)
+        pool.clear()
+        for fd in fds[1][0], fds[1][1], fds[2][0], fds[2][1]:
+            with pytest.raises(OSError):
+                os.fstat(fd)
+        assert loop.syscalls["pipe"] == 3 and loop.syscalls["close"] == 6
+    finally:
+        loop.close()
