@@ -25,7 +25,8 @@ Discussion: the hot path
 Once both ends are up, the client stream's ``peer`` *is* the backend
 stream's bound ``write`` (and vice versa): a readable event costs one
 ``recv_into``, one ``send``, and no relay code in between. The relay only
-runs for the rare events: connect, EOF, errors, watermarks, close.
+runs for the rare events: connect, EOF, errors, watermarks, close. With
+``splice = on|auto`` a bulk direction skips even that copy: reactor/splice.py.
 """
 
 from __future__ import annotations

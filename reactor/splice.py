@@ -10,9 +10,11 @@ class for its relays:
   to ``SplicingStream`` (same slots, so ``__class__`` assignment is allowed and
   the loop's handler -- the stream itself -- needs no epoll_ctl). ``on``
   switches both directions once the backend is connected (the PROXY header and
-  early data go out through the ordinary write path first); ``auto`` switches
-  a direction when its reads look like a bulk transfer (see
-  ``SpliceableStream._big_read``).
+  early data go out through the ordinary write path first; with
+  ``accept_proxy``, the client direction once its first bytes were checked);
+  ``auto`` switches a direction when its reads look like a bulk transfer (see
+  ``SpliceableStream._big_read``) -- under ``on`` too, for a direction still
+  on recv/send. A switch is for the rest of the relay.
 
 Per spliced direction, the reading stream owns one pipe: an EPOLLIN event
 splices the socket into the pipe, then -- unless the writer already waits for

@@ -33,11 +33,12 @@ MODES = ["on", "auto"]
 class Gw:
     """A gateway process with its admin endpoint."""
 
-    def __init__(self, spawn, backends: list[str], mode: str, *extra: str, **kw) -> None:
+    def __init__(self, spawn, backends: list[str], mode: str, *extra: str, conf_text: str = "",
+                 **kw) -> None:
         # no active health checks: their sockets would come and go in the fd counts
-        conf = os.path.join(_tmpdir(), "gateway.toml")
+        conf = os.path.join(_tmpdir(), f"gateway-{time.monotonic_ns()}.toml")
         with open(conf, "w") as f:
-            f.write("[health]\nenabled = false\n")
+            f.write(conf_text + "[health]\nenabled = false\n")
         args = ["gateway", "--config", conf, "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
                 "--splice", mode, "--max-connections", "200"]
         for b in backends:
@@ -58,10 +59,15 @@ class Gw:
         return self.stats()["loop"]["syscalls"]
 
     def fds(self) -> int:
-        """Open fds, less TCP connections that are not relays (with no relay
-        open: the admin connection we ask on, which closes after we do)."""
-        conns = psutil.Process(self.pid).net_connections("tcp")
-        return len(os.listdir(f"/proc/{self.pid}/fd")) - sum(c.status != "LISTEN" for c in conns)
+        """Open fds, once no TCP connection is open (called with no relay open:
+        what may linger is the admin connection we asked on, closing after us)."""
+        proc = psutil.Process(self.pid)
+
+        def check():
+            n = len(os.listdir(f"/proc/{self.pid}/fd"))
+            busy = any(c.status != "LISTEN" for c in proc.net_connections("tcp"))
+            return None if busy or n != len(os.listdir(f"/proc/{self.pid}/fd")) else n
+        return wait_for(check, timeout=10, what="only listening sockets open")
 
     def pipe_fds(self) -> int:
         return sum(os.readlink(f"/proc/{self.pid}/fd/{n}").startswith("pipe:")
@@ -305,6 +311,38 @@ def test_fds_roles_show_the_pipes(spawn, echo):
     sp = g.settled()
     rows = [r for r in g.get("/fds")["fds"] if r["role"] == "splice_pipe"]
     assert sp["pipes_pooled"] == 2 and [r["detail"] for r in rows] == ["pooled"] * 4
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_proxy_header_goes_first_then_splice_spoofcheck_client(spawn, mode):
+    # the backend gets a PROXY v1 line through the write path, then spliced bytes;
+    # the client is not a trusted source: its first bytes are checked, then spliced
+    heads = []
+
+    def backend(conn):
+        f = conn.makefile("rb")
+        heads.append(f.readline())
+        while data := f.read1(1 << 16):
+            conn.sendall(data)
+        conn.shutdown(socket.SHUT_WR)
+
+    srv = ThreadServer(backend)
+    try:
+        g = Gw(spawn, [], mode, conf_text=(
+            '[gateway]\naccept_proxy = true\ntrusted_sources = ["10.0.0.0/8"]\n'
+            f'[[backend]]\naddress = "{srv.spec}"\nsend_proxy = "v1"\n'))
+        with socket.create_connection(g.addr, timeout=10) as c:
+            blob = os.urandom(3 << 20)
+            t = threading.Thread(target=c.sendall, args=(blob,))
+            t.start()
+            assert recv_exact(c, len(blob)) == blob
+            t.join(10)
+            assert g.stats()["splice"]["directions_spliced"] == 2
+            c.shutdown(socket.SHUT_WR)
+            assert c.recv(1) == b""
+        assert heads[0].startswith(b"PROXY TCP4 127.0.0.1 127.0.0.1 ")
+    finally:
+        srv.close()
 
 
 # -- no pipe to be had: recv/send ----------------------------------------------------
