@@ -462,6 +462,8 @@ class Harness:
             if unknown:
                 raise SystemExit(f"bench: unknown peer(s): {', '.join(sorted(unknown))}")
             peers = [p for p in peers if p.name in want]
+        else:
+            peers = [p for p in peers if not p.optional]
         workloads = WORKLOADS
         if self.args.workloads:
             want = self.args.workloads.split(",")
@@ -556,7 +558,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="short windows: about a minute in all")
     ap.add_argument(
-        "--peers", help="comma-separated subset of: " + ", ".join(p.name for p in all_peers())
+        "--peers",
+        help="comma-separated subset of: "
+        + ", ".join(p.name + (" (only when named)" if p.optional else "") for p in all_peers()),
     )
     ap.add_argument(
         "--workloads",

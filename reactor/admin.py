@@ -50,6 +50,7 @@ from reactor.addr import bind_error
 from reactor.httphead import MAX_HEAD, BadRequest, HeadReader, Request, parse_request_head
 from reactor.listener import Listener, bind_socket, format_address
 from reactor.loop import Loop
+from reactor.splice import Pipe
 from reactor.stream import Stream
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -414,6 +415,9 @@ class _FdsJob:
             return  # closed since the listing
         self.targets.append((fd, target))
         role = self.roles.get(fd)
+        if role is not None and role[0] == "splice_pipe" and not target.startswith("pipe:"):
+            del self.roles[fd]  # the pipe was closed and its number reused since the roles were taken
+            return
         if role is not None and role[1] is not None:
             if role[1].fileno() == fd:
                 self.options[fd] = procnet.socket_options(_CountingSocket(role[1], self.loop.syscalls))
@@ -490,7 +494,9 @@ def fd_roles(loop: Loop, gateway: Gateway, admin: AdminServer | None = None
 
     Roles: listener, client, backend, connecting (backend connect in
     progress), health_check, admin (its listener and its connections),
-    epoll, wakeup (the loop's self-pipe socketpair).
+    epoll, wakeup (the loop's self-pipe socketpair), splice_pipe (both ends
+    of a spliced direction's pipe, detail ``client->backend`` or
+    ``backend->client``, or ``pooled`` for an idle pipe kept for reuse).
     """
     roles: dict[int, tuple[str, socket.socket | None, str | None]] = {}
     roles[loop.epoll_fd] = ("epoll", None, None)
@@ -511,6 +517,14 @@ def fd_roles(loop: Loop, gateway: Gateway, admin: AdminServer | None = None
         cs = relay.connect_sock
         if cs is not None and cs.fileno() >= 0:
             roles[cs.fileno()] = ("connecting", cs, backend)
+        for stream, way in ((c, "client->backend"), (b, "backend->client")):
+            pipe = getattr(stream, "_splice", None)
+            if isinstance(pipe, Pipe):
+                roles[pipe.r] = roles[pipe.w] = ("splice_pipe", None, way)
+    pool = getattr(loop, "_pipe_pool", None)
+    if pool is not None:
+        for pipe in pool.free:
+            roles[pipe.r] = roles[pipe.w] = ("splice_pipe", None, "pooled")
     for fd, check in gateway.health.in_flight.items():
         if check.sock is not None:
             roles[fd] = ("health_check", check.sock, check.backend.name)
@@ -762,6 +776,15 @@ def render_metrics(st: dict[str, Any]) -> str:
     m.one("reactor_loop_fds_registered", "gauge", "Fds registered with epoll.", loop["fds_registered"])
     m.family("reactor_syscalls_total", "counter", "System calls issued by the loop, by name.",
              [({"name": k}, v) for k, v in sorted(loop["syscalls"].items())])
+    sp = st.get("splice") or {}
+    m.family("reactor_splice_pipes", "gauge", "Splice pipes (2 fds each), by state.", [
+        ({"state": "in_use"}, sp.get("pipes_in_use", 0)), ({"state": "pooled"}, sp.get("pipes_pooled", 0))])
+    m.one("reactor_splice_directions", "gauge", "Relay directions moving bytes with splice(2) now.",
+          sp.get("directions_spliced", 0))
+    m.family("reactor_splice_pipes_unavailable_total", "counter",
+             "Directions left on recv/send for want of a pipe, by cause.", [
+                 ({"cause": "fd_budget"}, sp.get("pipes_refused", 0)),
+                 ({"cause": "pipe_failed"}, sp.get("pipe_failures", 0))])
     adm = st.get("admin", {})
     m.family("reactor_admin_requests_total", "counter", "Admin requests, by path and status.",
              [({"path": p, "code": c}, n) for p, codes in adm.get("requests", {}).items()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import resource
 import socket
 import sys
 import time
@@ -26,6 +27,8 @@ from reactor.health import HealthChecker
 from reactor.listener import Listener, bind_socket, format_address
 from reactor.loop import Loop
 from reactor.relay import Relay
+from reactor.splice import SpliceableStream, SplicingStream, pipe_pool, start_splice
+from reactor.stream import Stream
 
 log = logging.getLogger("reactor.gateway")
 access_log = logging.getLogger("reactor.access")
@@ -116,6 +119,10 @@ class Gateway:
         # removed by a reload but still carrying relays: address -> Backend
         self.draining_backends: dict[tuple[str, int], Backend] = {}
         self._apply_settings(config)
+        # read once (a restart-only setting): the relays' stream class
+        self.splice = config.gateway.splice
+        self.stream_class = Stream if self.splice == "off" else SpliceableStream
+        self.pipes = pipe_pool(loop) if self.splice != "off" else None
         self.balancer = Balancer(make_backends(config, resolved), config.gateway.balance)
         self.health = HealthChecker(loop, self)
         self._setup_access_log(config)
@@ -177,9 +184,20 @@ class Gateway:
                 raise bind_error("listen", text, exc) from None
         for s in sockets:
             self.listeners.append(Listener(self.loop, s, self._on_accept))
+        if self.pipes is not None:
+            self._configure_pipes()
         if self.config.health.enabled:
             self.health.start()
         self._schedule_sweep()
+
+    def _configure_pipes(self) -> None:
+        limit = self.pipes.configure(self.max_connections, self.buffer_limit, len(self.balancer.backends))
+        if limit == 0:
+            log.warning("event=splice_disabled reason=fd_budget max_connections=%d fd_limit=%s "
+                        "hint=raise_RLIMIT_NOFILE_or_lower_max_connections",
+                        self.max_connections, _fd_soft_limit())
+        else:
+            log.info("event=splice mode=%s max_pipes=%d pipe_size=%d", self.splice, limit, self.pipes.size)
 
     @property
     def addresses(self) -> list[str]:
@@ -239,6 +257,8 @@ class Gateway:
         self._sweep_timer = self._drain_timer = None
         for relay in list(self.relays):
             relay.finish("shutdown")
+        if self.pipes is not None:
+            self.pipes.clear()
 
     def reload(self, new: Config, resolved: dict[str, list[tuple[str, int]]] | None = None) -> None:
         """Apply a new config to *new* connections; live relays are untouched
@@ -255,6 +275,8 @@ class Gateway:
         self._apply_settings(new)
         added, removed = self.set_backends(backends)
         self.balancer.set_policy(new.gateway.balance)
+        if self.pipes is not None:
+            self._configure_pipes()  # max_connections or buffer_limit may have changed
         self._setup_access_log(new)
         self.health.reconfigure()
         if self._sweep_timer is None and not self.draining:
@@ -410,8 +432,18 @@ class Gateway:
             "reload_failures": self.reload_failures,
             "uptime": time.time() - self.started,
             "discovery": self.discovery.stats() if self.discovery is not None else None,
+            "splice": self._splice_stats(),
             "loop": self.loop.statistics(),
         }
+
+    def _splice_stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"mode": self.splice}
+        if self.pipes is not None:
+            out.update(self.pipes.stats())
+            out["directions_spliced"] = sum(
+                (type(r.client) is SplicingStream) + (type(r.backend) is SplicingStream)
+                for r in self.relays)
+        return out
 
     def _live_draining(self) -> list[Backend]:
         self._prune_draining()
@@ -441,6 +473,13 @@ class _Spoofcheck:
         if relay.backend is not None:
             relay.client.peer = relay.backend
             relay.backend.write(view)
+            if self.gateway.splice == "on":
+                start_splice(relay.client)
         else:
             relay._hold(view)
         return None
+
+
+def _fd_soft_limit() -> int | str:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return "unlimited" if soft == resource.RLIM_INFINITY else soft

@@ -60,7 +60,7 @@ EPOLLHUP = select.EPOLLHUP
 # Names of the syscalls we count, so statistics() shows zeros too.
 SYSCALLS = (
     "epoll_wait", "epoll_ctl", "accept", "recv", "send", "connect", "shutdown",
-    "close", "socket", "setsockopt", "getsockopt", "getsockname", "ioctl", "splice", "pipe", "read", "write",
+    "close", "socket", "setsockopt", "getsockopt", "getsockname", "ioctl", "splice", "pipe", "fcntl", "read", "write",
 )
 
 _WAKE = b"\0"  # a byte that is not a signal number: "look at the ready queue"

@@ -25,7 +25,8 @@ Discussion: the hot path
 Once both ends are up, the client stream's ``peer`` *is* the backend
 stream's bound ``write`` (and vice versa): a readable event costs one
 ``recv_into``, one ``send``, and no relay code in between. The relay only
-runs for the rare events: connect, EOF, errors, watermarks, close.
+runs for the rare events: connect, EOF, errors, watermarks, close. With
+``splice = on|auto`` a bulk direction skips even that copy: reactor/splice.py.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from reactor.loop import EPOLLOUT
+from reactor.splice import start_splice
 from reactor.stream import Stream
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -110,8 +112,8 @@ class Relay:
         self._client_eof = False
         self.idle_mark = -1
         self.idle_since = self.started
-        self.client = Stream(self.loop, sock, self, role="client",
-                             high_water=gateway.buffer_limit)
+        self.client = gateway.stream_class(self.loop, sock, self, role="client",
+                                           high_water=gateway.buffer_limit)
 
     def __repr__(self) -> str:
         b = self.backend_info.name if self.backend_info else "-"
@@ -242,8 +244,8 @@ class Relay:
         backend = self.backend_info
         backend.record_success(self.loop.now)
         client = self.client
-        b = Stream(self.loop, sock, _BackendSide(self), role="backend",
-                   high_water=self.gateway.buffer_limit, start=False)
+        b = self.gateway.stream_class(self.loop, sock, _BackendSide(self), role="backend",
+                                      high_water=self.gateway.buffer_limit, start=False)
         b.peer = client
         b.start(b.protocol, registered=True)  # the connect's epoll entry, re-aimed
         self.backend = b
@@ -256,6 +258,11 @@ class Relay:
         # (unless a PROXY-spoofing check still wants to see the first bytes)
         if self.proxy_parser is None:
             client.peer = b
+        if self.gateway.splice == "on":
+            # after the PROXY header and early data: they went out by write()
+            start_splice(b)
+            if self.proxy_parser is None:
+                start_splice(client)
         if self._client_eof:
             b.write_eof()
         elif not client.reading and not client.eof_received and b.buffered < self.gateway.buffer_limit:

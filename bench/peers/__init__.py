@@ -44,6 +44,8 @@ class Peer:
     description: str
     # proxy CPUs as an index into the harness's CPU plan: "proxy" = CPU 0, "all" = every CPU
     cpus: str = "proxy"
+    # run only when named in --peers (variants of another peer)
+    optional: bool = False
 
     @property
     def is_direct(self) -> bool:
@@ -158,9 +160,13 @@ class Reactor(Peer):
     workers: int = 1
     admin: bool = True
 
-    def __init__(self, name: str, description: str, workers: int, cpus: str) -> None:
+    def __init__(
+        self, name: str, description: str, workers: int, cpus: str, splice: str = ""
+    ) -> None:
         Peer.__init__(self, name, description, cpus)
         self.workers = workers
+        self.splice = splice  # "" = the gateway's default
+        self.optional = bool(splice)
         self.admin = True  # the harness turns it off if the gateway cannot start with it
         self._help: str | None = None
 
@@ -190,6 +196,8 @@ class Reactor(Peer):
             return "`reactor gateway` is not in this checkout yet"
         if self.workers > 1 and "--workers" not in h:
             return "`reactor gateway --workers` does not exist yet"
+        if self.splice and "--splice" not in h:
+            return "`reactor gateway --splice` does not exist yet"
         return None
 
     def version(self, ctx: Context) -> str:
@@ -221,6 +229,8 @@ class Reactor(Peer):
             argv += ["--workers", str(self.workers)]
         if "--max-connections" in h:
             argv += ["--max-connections", str(ctx.max_conns)]
+        if self.splice:
+            argv += ["--splice", self.splice]
         if "--no-access-log" in h:
             argv.append("--no-access-log")  # no peer logs per connection: haproxy has no `log`
         use_admin = "--admin" in h and self.admin
@@ -248,6 +258,14 @@ def all_peers() -> list[Peer]:
         ),
         Reactor("reactor", "our gateway, round_robin, one worker", workers=1, cpus="proxy"),
         Reactor("reactor-w2", "our gateway, --workers 2 (on both CPUs)", workers=2, cpus="all"),
+        Reactor("reactor-splice", "our gateway, --splice on", workers=1, cpus="proxy", splice="on"),
+        Reactor(
+            "reactor-splice-auto",
+            "our gateway, --splice auto",
+            workers=1,
+            cpus="proxy",
+            splice="auto",
+        ),
     ]
 
 
