@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -474,8 +475,7 @@ def test_404_405_and_healthz(shared):
 
 
 def test_healthz_503_while_draining():
-    """In-process: the CLI closes the admin at SIGTERM (see docs/admin.md), so
-    a spawned gateway cannot show this; a draining gateway answers 503."""
+    """In-process: a draining gateway answers 503 (see also the spawned test below)."""
     with inproc_gateway() as (gw, admin, loop):
         assert get(admin, "/healthz")[:1] == (200,)
         loop.call_soon_threadsafe(gw.drain, 5.0)
@@ -679,3 +679,18 @@ def test_fuzz_valid_heads_parse_identically_in_any_chunking(method, target, mino
         pos += n
         assert got is not None or pos < len(raw)
     assert got == whole
+
+
+def test_healthz_503_after_sigterm_while_relays_drain(spawn):
+    """The admin stays up during a drain: a load balancer polling /healthz sees
+    503 and stops sending; the gateway exits 0 once the last relay ends."""
+    g, admin = start(spawn)
+    c = socket.create_connection(g.addr, timeout=5)
+    c.sendall(b"x")
+    assert recv_exact(c, 1) == b"x"
+    assert get(admin, "/healthz")[0] == 200
+    g.signal(signal.SIGTERM)
+    wait_for(lambda: get(admin, "/healthz")[0] == 503, what="/healthz 503 while draining")
+    assert get_json(admin, "/stats")["draining"] is True
+    c.close()
+    assert g.wait(10) == 0

@@ -107,10 +107,10 @@ def run_gateway(cfg: Config, args: argparse.Namespace | None, *, sockets=None,
         state["terms"] += 1
         if state["terms"] == 1 and gw.relays:
             # the port is released now, so a new instance can bind it while we finish
+            # The admin stays up while draining: /healthz answers 503 so a
+            # load balancer in front stops sending, and /stats shows the drain.
             gw.on_stopped = loop.stop
             disc.stop()
-            if admin is not None:
-                admin.close()
             gw.drain()
         else:
             if state["terms"] > 1:
