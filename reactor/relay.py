@@ -370,6 +370,9 @@ class Relay:
             self.backend_info.bytes_out += self.backend.bytes_in
         self.pending = None
         self.gateway.relay_finished(self)
+        self.client.detach()
+        if self.backend is not None:
+            self.backend.detach()
 
     def access_record(self) -> dict[str, Any]:
         b = self.backend_info

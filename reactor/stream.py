@@ -78,6 +78,21 @@ class _Shut:
 _SHUT = _Shut()
 
 
+class _Detached:
+    """The protocol of a stream whose owner let go of it (see ``detach``)."""
+
+    __slots__ = ()
+
+    def _ignore(self, *args: object) -> None:
+        pass
+
+    data_received = eof_received = eof_sent = pause_writing = resume_writing = _ignore
+    connection_lost = _ignore
+
+
+_DETACHED = _Detached()
+
+
 class Stream:
     """A connected, non-blocking TCP (or UNIX) socket driven by the loop.
 
@@ -384,6 +399,18 @@ class Stream:
         self.peer = None
         self.sock.close()
         self._sc["close"] += 1
+
+    def detach(self) -> None:
+        """Forget the protocol and the peer (after ``close``).
+
+        Discussion: a relay and its streams point at each other (stream ->
+        protocol -> relay -> stream). Left as is, every finished connection is
+        a reference cycle that only the cyclic GC can free -- garbage that
+        piles up between collections and collections that scan it. Cutting the
+        links lets plain reference counting free a relay the moment it ends.
+        """
+        self.protocol = _DETACHED
+        self.peer = None
 
     def _fatal(self, exc: BaseException) -> None:
         if self._closed:

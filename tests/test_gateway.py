@@ -423,3 +423,65 @@ def test_gateway_sigterm_with_no_relays_exits_zero(spawn, echo_backends):
     g = gateway(spawn, spec(echo_backends[0]))
     g.signal(signal.SIGTERM)
     assert g.wait() == 0
+
+
+def test_finished_relays_are_freed_by_refcount_not_gc():
+    """A finished relay holds no reference cycle: with the cyclic GC off, no
+    Relay or Stream object survives its connection."""
+    import dataclasses
+    import gc
+
+    from reactor import config as C
+    from reactor.commands.serve import Server
+    from reactor.gateway import Gateway
+    from reactor.listener import bind_socket
+    from reactor.loop import Loop
+    from reactor.relay import Relay
+    from reactor.stream import Stream
+
+    loop = Loop()
+    bsock = bind_socket("127.0.0.1", 0)
+    srv = Server(loop, bsock, "echo")
+    cfg = C.Config(
+        gateway=dataclasses.replace(C.GatewayConfig(), listen=(("127.0.0.1", 0),), access_log=False),
+        admin=C.AdminConfig(listen=None),
+        health=dataclasses.replace(C.HealthConfig(), enabled=False),
+        backends=(C.BackendConfig(host="127.0.0.1", port=bsock.getsockname()[1]),))
+    gw = Gateway(loop, cfg)
+    gw.start()
+    addr = gw.listeners[0].sock.getsockname()
+
+    def live(kind):
+        return sum(1 for o in gc.get_objects() if type(o) is kind)
+
+    def turn():
+        loop.call_later(0.005, loop.stop)
+        loop.run()
+
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(20):
+            c = socket.create_connection(addr)
+            c.setblocking(False)
+            c.sendall(b"ping")
+            got = b""
+            deadline = time.monotonic() + 5
+            while got != b"ping" and time.monotonic() < deadline:
+                turn()
+                try:
+                    got += c.recv(4)
+                except BlockingIOError:
+                    pass
+            assert got == b"ping"
+            c.close()
+        deadline = time.monotonic() + 5
+        while (gw.relays or srv.conns) and time.monotonic() < deadline:
+            turn()
+        assert not gw.relays
+        assert live(Relay) == 0 and live(Stream) == 0
+    finally:
+        gc.enable()
+        gw.shutdown()
+        srv.close()
+        loop.close()

@@ -60,6 +60,7 @@ class Echo:
     def _done(self) -> None:
         self.stream.close()
         self.conns.discard(self.stream)
+        self.stream.detach()  # no cycle left: freed by refcount
 
 
 class Discard(Echo):
