@@ -233,9 +233,9 @@ def test_port_in_use_is_one_line_exit_2():
 
 @pytest.mark.parametrize("addr,msg", [
     ("127.0.0.1:70000", "--listen: port 70000 out of range"),
-    ("127.0.0.1", "expected HOST:PORT (port missing)"),
-    ("::1:80", "put an IPv6 address in brackets"),
-    ("127.0.0.1:http", "port 'http' is not a number"),
+    ("127.0.0.1", "missing port in '127.0.0.1' (expected HOST:PORT)"),
+    ("::1:80", "IPv6 addresses need brackets: [::1]:80"),
+    ("127.0.0.1:http", "invalid port 'http' (expected a number)"),
     ("no-such-host.invalid:80", "cannot resolve host"),
 ])
 def test_bad_address_is_one_line_exit_2(addr, msg):

@@ -12,9 +12,9 @@ import argparse
 import dataclasses
 import os
 
-from reactor.addr import bind_error, parse_address
+from reactor.addr import bind_error
 from reactor.commands.gateway import run_gateway, setup_logging
-from reactor.config import AdminConfig, BackendConfig, Config, GatewayConfig
+from reactor.config import AdminConfig, BackendConfig, Config, GatewayConfig, parse_address
 from reactor.listener import Listener, bind_socket, format_address
 from reactor.loop import Loop
 from reactor.stream import Stream

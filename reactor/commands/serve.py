@@ -21,7 +21,8 @@ import signal
 import socket
 import sys
 
-from reactor.addr import bind_error, parse_address
+from reactor.addr import bind_error
+from reactor.config import parse_address
 from reactor.listener import Listener, bind_socket, format_address
 from reactor.loop import Loop
 from reactor.stream import Stream

@@ -33,7 +33,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-from reactor.addr import parse_address
+from reactor.config import parse_address
 from reactor.errors import RuntimeFailure, UsageError
 
 DEFAULT_ADMIN = "127.0.0.1:9901"
