@@ -363,7 +363,7 @@ class Gateway:
 
     def admit(self, relay: Relay) -> bool:
         """Per-IP limit, on the real client address (after any PROXY header)."""
-        ip = relay.client_addr[0]
+        ip = relay.client_ip
         if self.max_connections_per_ip and self.per_ip[ip] >= self.max_connections_per_ip:
             self.rejected_per_ip += 1
             relay.finish("max_connections_per_ip")

@@ -87,7 +87,7 @@ class Relay:
     """One proxied connection: client stream, backend stream, and their state."""
 
     __slots__ = (
-        "gateway", "loop", "client", "backend", "client_addr", "backend_info", "started",
+        "gateway", "loop", "client", "backend", "client_ip", "client_port", "backend_info", "started",
         "reason", "closed", "pending", "tried", "connect_sock", "timer",
         "_client_eof", "idle_mark", "idle_since", "proxy_parser",
         "local_addr", "ip_key",
@@ -96,7 +96,9 @@ class Relay:
     def __init__(self, gateway: Gateway, sock: socket.socket, addr: tuple) -> None:
         self.gateway = gateway
         self.loop = gateway.loop
-        self.client_addr = addr
+        # host and port, not accept()'s tuple: 56 bytes less per relay
+        self.client_ip: str = addr[0]
+        self.client_port: int = addr[1]
         self.local_addr: tuple | None = None
         self.ip_key: str | None = None
         self.started = self.loop.now  # shared float: no allocation per relay
@@ -118,6 +120,11 @@ class Relay:
     def __repr__(self) -> str:
         b = self.backend_info.name if self.backend_info else "-"
         return f"<Relay {_fmt(self.client_addr)} -> {b} client={self.client!r} backend={self.backend!r}>"
+
+    @property
+    def client_addr(self) -> tuple[str, int]:
+        """The client's address (from the PROXY header, when one was accepted)."""
+        return (self.client_ip, self.client_port)
 
     # -- the client stream's protocol ---------------------------------------
 
@@ -165,7 +172,7 @@ class Relay:
 
     def connect_next(self) -> None:
         gw = self.gateway
-        backend = gw.balancer.pick(self.client_addr[0], self.loop.now, self.tried)
+        backend = gw.balancer.pick(self.client_ip, self.loop.now, self.tried)
         if backend is None:
             self.finish("no_backend" if not self.tried else "connect_failed")
             return
@@ -287,7 +294,7 @@ class Relay:
             self.loop.cancel_timer(self.timer)
             self.timer = None
         if header.src is not None:
-            self.client_addr = header.src
+            self.client_ip, self.client_port = header.src[0], header.src[1]
             self.local_addr = header.dst
         if header.rest:
             self.pending = bytearray(header.rest)
