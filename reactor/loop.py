@@ -92,7 +92,10 @@ class Loop:
 
     def __init__(self) -> None:
         self._epoll = select.epoll()
-        self._handlers: dict[int, Callable[[int], None]] = {}
+        # fd -> an object with handle_event(mask): a Stream is its own handler
+        # (called through LOAD_METHOD: no bound method per fd, and as fast as
+        # calling one); plain callables are wrapped once, at register time.
+        self._handlers: dict[int, Any] = {}
         self._ready: collections.deque[Handle] = collections.deque()
         # Timers: heap of (when, seq, handle). seq keeps equal deadlines FIFO.
         self._timers: list[tuple[float, int, Handle]] = []
@@ -122,11 +125,12 @@ class Loop:
 
     # -- fds ---------------------------------------------------------------
 
-    def register(self, fd: int, mask: int, handler: Callable[[int], None]) -> None:
-        """Watch ``fd`` for ``mask``; ``handler(events)`` runs on readiness."""
+    def register(self, fd: int, mask: int, handler: Any) -> None:
+        """Watch ``fd`` for ``mask``; on readiness ``handler.handle_event(events)``
+        runs -- or ``handler(events)`` for a plain callable."""
         self._epoll.register(fd, mask)
         self.syscalls["epoll_ctl"] += 1
-        self._handlers[fd] = handler
+        self._handlers[fd] = _as_handler(handler)
 
     def modify(self, fd: int, mask: int) -> None:
         """Change the interest mask (one epoll_ctl).
@@ -141,7 +145,7 @@ class Loop:
     def set_handler(self, fd: int, mask: int, handler: Callable[[int], None]) -> None:
         """Hand a registered fd to a new handler with a new mask: one
         epoll_ctl instead of unregister + register (a connect completing)."""
-        self._handlers[fd] = handler
+        self._handlers[fd] = _as_handler(handler)
         self.modify(fd, mask)
 
     def unregister(self, fd: int) -> None:
@@ -304,7 +308,7 @@ class Loop:
                     # 2. dispatch, all events of this wait in one batch
                     for fd, mask in events:
                         try:
-                            handlers[fd](mask)
+                            handlers[fd].handle_event(mask)
                         except KeyError:
                             # unregistered by an earlier event of this batch
                             # -- unless the KeyError came from the handler
@@ -368,6 +372,19 @@ class Loop:
         return (f"<Loop epoll_fd={self._epoll.fileno()} fds={len(self._handlers)} "
                 f"ready={len(self._ready)} timers={len(self._timers)} "
                 f"running={self._running}>")
+
+
+class _FnHandler:
+    """A plain callback as a handler (listeners, connects, checks: rare events)."""
+
+    __slots__ = ("handle_event",)
+
+    def __init__(self, fn: Callable[[int], None]) -> None:
+        self.handle_event = fn
+
+
+def _as_handler(handler: Any) -> Any:
+    return handler if hasattr(type(handler), "handle_event") else _FnHandler(handler)
 
 
 def _noop_signal_handler(signum: int, frame: Any) -> None:

@@ -263,7 +263,7 @@ class SpliceableStream(Stream):
             return
         Stream._on_event(self, events)
 
-    __call__ = _on_event
+    handle_event = _on_event
 
     def _big_read(self, n: int) -> None:
         """auto: two big reads in a row make a bulk direction; splice it.
@@ -376,7 +376,7 @@ class SplicingStream(SpliceableStream):
         elif events & EPOLLHUP and not self._reading:
             self._park()  # see Stream._on_event
 
-    __call__ = _on_event
+    handle_event = _on_event
 
     def _splice_in(self) -> None:
         if not self._reading:

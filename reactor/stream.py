@@ -150,7 +150,7 @@ class Stream:
         self.protocol = protocol
         self._reading = True
         self._mask = EPOLLIN
-        # The stream itself is the loop's handler (``__call__``): a bound
+        # The stream itself is the loop's handler (``handle_event``): a bound
         # method per fd would cost 64 bytes per idle connection.
         if registered:
             self.loop.set_handler(self.fd, EPOLLIN, self)
@@ -248,7 +248,7 @@ class Stream:
             # epoll until reading resumes. See loop.py "fd reuse and epoll".
             self._park()
 
-    __call__ = _on_event  # the loop calls the stream itself
+    handle_event = _on_event  # the loop calls the stream itself
 
     def _park(self) -> None:
         if not self._parked:
