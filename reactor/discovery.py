@@ -359,9 +359,13 @@ class Discovery:
             return
 
         def apply(cfg: Config, resolved: Resolved) -> None:
+            try:
+                self.gateway.reload(cfg, resolved=resolved)
+            except UsageError as exc:  # e.g. the new access_log cannot be opened
+                self.reject(exc)
+                return
             self.base = new_base
             self.resolved = resolved
-            self.gateway.reload(cfg, resolved=resolved)
             self._sync_timers()
 
         self._resolve_then(merged, only_new=False, apply=apply)

@@ -14,10 +14,10 @@ import collections
 import logging
 import resource
 import socket
-import sys
 import time
 from typing import Any
 
+from reactor.accesslog import AccessLog
 from reactor.addr import bind_error
 from reactor.balancer import Backend, Balancer
 from reactor.config import BackendConfig, Config
@@ -31,7 +31,6 @@ from reactor.splice import SpliceableStream, SplicingStream, pipe_pool, start_sp
 from reactor.stream import Stream
 
 log = logging.getLogger("reactor.gateway")
-access_log = logging.getLogger("reactor.access")
 
 _V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
 
@@ -125,7 +124,8 @@ class Gateway:
         self.pipes = pipe_pool(loop) if self.splice != "off" else None
         self.balancer = Balancer(make_backends(config, resolved), config.gateway.balance)
         self.health = HealthChecker(loop, self)
-        self._setup_access_log(config)
+        self.access: AccessLog | None = None
+        self._swap_access_log(self._open_access_log(config))
 
     # -- settings -------------------------------------------------------------
 
@@ -148,24 +148,15 @@ class Gateway:
     def fail_timeout_for(self, backend: Backend) -> float:
         return self.config.fail_timeout_for(backend.config)  # type: ignore[attr-defined]
 
-    def _setup_access_log(self, cfg: Config) -> None:
-        for h in list(access_log.handlers):
-            access_log.removeHandler(h)
-            h.close()
+    def _open_access_log(self, cfg: Config) -> AccessLog | None:
         dest = cfg.gateway.access_log
-        access_log.propagate = False
-        if dest is False:
-            access_log.disabled = True
-            return
-        access_log.disabled = False
-        handler: logging.Handler
-        if dest is True:
-            handler = logging.StreamHandler(sys.stderr)
-        else:
-            handler = logging.FileHandler(dest)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-        access_log.addHandler(handler)
-        access_log.setLevel(logging.INFO)
+        return None if dest is False else AccessLog(self.loop, dest)  # may raise OSError
+
+    def _swap_access_log(self, new: AccessLog | None) -> None:
+        # a reload reopens the file, as nginx's does (logrotate moves, we follow)
+        if self.access is not None:
+            self.access.close()
+        self.access = new
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -259,6 +250,8 @@ class Gateway:
             relay.finish("shutdown")
         if self.pipes is not None:
             self.pipes.clear()
+        if self.access is not None:
+            self.access.flush()  # the loop may not turn again
 
     def reload(self, new: Config, resolved: dict[str, list[tuple[str, int]]] | None = None) -> None:
         """Apply a new config to *new* connections; live relays are untouched
@@ -272,12 +265,13 @@ class Gateway:
         if new.admin != old.admin:
             log.warning("event=reload_ignored key=admin.listen reason=needs_restart")
         backends = make_backends(new, resolved)  # may raise: nothing changed yet
+        access = self._open_access_log(new)  # likewise
         self._apply_settings(new)
         added, removed = self.set_backends(backends)
         self.balancer.set_policy(new.gateway.balance)
         if self.pipes is not None:
             self._configure_pipes()  # max_connections or buffer_limit may have changed
-        self._setup_access_log(new)
+        self._swap_access_log(access)
         self.health.reconfigure()
         if self._sweep_timer is None and not self.draining:
             self._schedule_sweep()
@@ -346,8 +340,9 @@ class Gateway:
             self.reasons["max_connections"] += 1
             sock.close()
             self.loop.syscalls["close"] += 1
-            access_log.info("event=access client=%s backend=- bytes_in=0 bytes_out=0 duration=0 "
-                            "reason=max_connections", format_address(addr))
+            if self.access is not None:
+                self.access.line(f"event=access client={format_address(addr)} backend=- bytes_in=0 "
+                                 "bytes_out=0 duration=0 reason=max_connections")
             return
         relay = Relay(self, sock, addr)
         self.relays.add(relay)
@@ -384,11 +379,11 @@ class Gateway:
         self.reasons[relay.reason] += 1
         self.bytes_in += relay.client.bytes_in
         self.bytes_out += relay.client.bytes_out
-        if not access_log.disabled:
+        access = self.access
+        if access is not None:
             r = relay.access_record()
-            access_log.info("event=access client=%s backend=%s bytes_in=%d bytes_out=%d "
-                            "duration=%.3f reason=%s", r["client"], r["backend"], r["bytes_in"],
-                            r["bytes_out"], r["duration"], r["reason"])
+            access.access(r["client"], r["backend"], r["bytes_in"], r["bytes_out"], r["duration"],
+                          r["reason"])
         if self.draining and not self.relays and self._drain_timer is not None:
             self.loop.cancel_timer(self._drain_timer)
             self._drain_timer = None

@@ -102,6 +102,15 @@ def test_unknown_backend_host():
     assert "cannot resolve" in r.stderr and "no-such-host.invalid" in r.stderr, r.stderr
 
 
+def test_access_log_that_cannot_be_opened(tmp_path):
+    path = tmp_path / "missing-dir" / "access.log"
+    r = reactor("gateway", "--listen", "127.0.0.1:0", "--backend", "127.0.0.1:9",
+                "--admin", "off", "--access-log", str(path))
+    assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr == (f"reactor gateway: access_log: cannot open {path}: "
+                        "No such file or directory\n"), r.stderr
+
+
 def test_unknown_admin_host():
     pytest.importorskip("reactor.admin")
     r = reactor("gateway", "--listen", "127.0.0.1:0", "--backend", "127.0.0.1:9",

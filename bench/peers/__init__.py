@@ -231,8 +231,8 @@ class Reactor(Peer):
             argv += ["--max-connections", str(ctx.max_conns)]
         if self.splice:
             argv += ["--splice", self.splice]
-        if "--no-access-log" in h:
-            argv.append("--no-access-log")  # no peer logs per connection: haproxy has no `log`
+        # default features on, the access log too (to the peer's log file):
+        # the condition, though haproxy runs without a `log` line
         use_admin = "--admin" in h and self.admin
         if use_admin:
             argv += ["--admin", f"127.0.0.1:{admin_port}"]

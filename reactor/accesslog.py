@@ -1,0 +1,112 @@
+"""The access log: one line per finished connection, written once per loop turn.
+
+    2026-12-03 20:14:07,412 event=access client=127.0.0.1:52870 backend=alpha bytes_in=8 bytes_out=15 duration=0.001 reason=client_eof
+
+Discussion: why not ``logging``
+-------------------------------
+Through the ``logging`` module a line cost a ``LogRecord``, a formatter call
+with ``strftime``, a handler lock and a ``write`` + ``flush`` -- about 30 µs
+of a connection's 120 in the churn bench, a third of it the write syscall.
+Here a line is one f-string with a timestamp prefix rebuilt once per second,
+and the lines of one loop turn go out in a single ``write`` at the end of
+the turn (nginx's ``access_log ... buffer=``, with the turn as the flush
+interval). Nothing is held longer than the turn that produced it, so a
+reader tailing the log sees a connection's line as soon as it is closed.
+
+The write is blocking, as nginx's is to a file: a stderr pipe whose reader
+stops would eventually stall the loop. Lines that cannot be written (EPIPE,
+ENOSPC) are dropped and counted, never raised into the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from reactor.errors import UsageError
+
+log = logging.getLogger("reactor.gateway")
+
+_FLUSH_LINES = 256  # a turn that closes more than this writes early
+
+
+class AccessLog:
+    """Lines buffered for the current loop turn; ``flush`` writes them."""
+
+    __slots__ = ("loop", "dest", "fd", "_own_fd", "_lines", "_scheduled", "_second", "_prefix",
+                 "lines_written", "lines_dropped", "writes")
+
+    def __init__(self, loop: Any, dest: bool | str) -> None:
+        """``dest``: True for stderr, or a file path (opened for append)."""
+        self.loop = loop
+        self.dest = dest
+        if dest is True:
+            self.fd = 2
+            self._own_fd = False
+        else:
+            try:
+                self.fd = os.open(str(dest), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                                  0o644)
+            except OSError as exc:
+                raise UsageError(f"access_log: cannot open {dest}: {exc.strerror}") from None
+            self._own_fd = True
+        self._lines: list[str] = []
+        self._scheduled = False
+        self._second = -1
+        self._prefix = ""
+        self.lines_written = 0
+        self.lines_dropped = 0
+        self.writes = 0
+
+    def _stamp(self) -> str:
+        # The format logging's asctime used: "2026-12-03 20:14:07,412".
+        t = time.time()
+        sec = int(t)
+        if sec != self._second:
+            self._second = sec
+            self._prefix = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sec))
+        return f"{self._prefix},{int((t - sec) * 1000):03d}"
+
+    def access(self, client: str, backend: str, bytes_in: int, bytes_out: int,
+               duration: float, reason: str) -> None:
+        self.line(f"event=access client={client} backend={backend} bytes_in={bytes_in} "
+                  f"bytes_out={bytes_out} duration={duration:.3f} reason={reason}")
+
+    def line(self, text: str) -> None:
+        lines = self._lines
+        lines.append(f"{self._stamp()} {text}\n")
+        if len(lines) >= _FLUSH_LINES:
+            self.flush()
+        elif not self._scheduled:
+            self._scheduled = True
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        lines = self._lines
+        if not lines:
+            return
+        data = "".join(lines).encode()
+        n = len(lines)
+        lines.clear()
+        view = memoryview(data)
+        try:
+            while view:
+                # a blocking fd: a short write only happens on a signal or a full disk
+                written = os.write(self.fd, view)
+                self.writes += 1
+                view = view[written:]
+        except OSError as exc:
+            if not self.lines_dropped:
+                log.warning("event=access_log_error error=%s", exc.strerror or exc)
+            self.lines_dropped += n
+            return
+        self.lines_written += n
+
+    def close(self) -> None:
+        self.flush()
+        if self._own_fd:
+            self._own_fd = False
+            os.close(self.fd)
