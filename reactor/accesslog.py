@@ -92,11 +92,13 @@ class AccessLog:
         n = len(lines)
         lines.clear()
         view = memoryview(data)
+        sc = self.loop.syscalls
         try:
             while view:
                 # a blocking fd: a short write only happens on a signal or a full disk
-                written = os.write(self.fd, view)
+                sc["write"] += 1
                 self.writes += 1
+                written = os.write(self.fd, view)
                 view = view[written:]
         except OSError as exc:
             if not self.lines_dropped:

@@ -26,14 +26,27 @@ closed while still registered, the kernel drops it from the interest list
 silently -- but only when the last fd referring to that description is gone.
 Meanwhile the fd number may be handed out again by the very next accept(), and
 our ``_handlers`` dict, keyed by number, would dispatch the new socket's events
-to the old handler. The rule that keeps this straight: *unregister before
-close*, always, in the same call (``Stream.close`` does both), so the number is
-free in our tables before the kernel can reuse it. A second trap: EPOLLHUP and
-EPOLLERR are reported whatever the interest mask says -- even mask 0. A
-level-triggered fd whose reading is paused for backpressure and whose peer then
-hangs up would be reported on every wait, a busy loop. Streams therefore treat
-ERR as fatal at once, and on HUP while paused they park the fd (unregister it)
-until reading resumes; see ``Stream._on_event``.
+to the old handler. The rule that keeps this straight: *forget the handler
+before close*, in the same call (``Stream.close`` does both), so the number is
+free in our tables before the kernel can reuse it.
+
+Forgetting the handler (``forget``) is a dict pop, not an ``EPOLL_CTL_DEL``:
+the close itself removes the registration, because the gateway's sockets are
+CLOEXEC, never dup'ed and the gateway never forks -- its close is the last
+reference. That saves two of a proxied connection's syscalls (HAProxy skips
+the DEL the same way). Were a registration to outlive its close all the same
+(a child between fork and exec holding the fd for a moment), its events would
+carry a number that is either unknown (dropped below) or reused by a new
+stream, which then sees a spurious readiness: ``recv`` gives EAGAIN and
+``SO_ERROR`` gives 0, and streams treat both as "nothing happened". Shared
+fds (a listener a supervisor also holds, a parked fd) still ``unregister``.
+
+A second trap: EPOLLHUP and EPOLLERR are reported whatever the interest mask
+says -- even mask 0. A level-triggered fd whose reading is paused for
+backpressure and whose peer then hangs up would be reported on every wait, a
+busy loop. Streams therefore treat ERR as fatal at once, and on HUP while
+paused they park the fd (unregister it) until reading resumes; see
+``Stream._on_event``.
 """
 
 from __future__ import annotations
@@ -156,6 +169,12 @@ class Loop:
         except (OSError, ValueError):  # already closed elsewhere: nothing to undo
             pass
         self.syscalls["epoll_ctl"] += 1
+
+    def forget(self, fd: int) -> None:
+        """Drop ``fd``'s handler without a syscall, just before closing an fd
+        nobody else holds: the close removes the registration (see "fd reuse
+        and epoll")."""
+        self._handlers.pop(fd, None)
 
     def is_registered(self, fd: int) -> bool:
         return fd in self._handlers

@@ -201,10 +201,15 @@ class Relay:
         self.loop.register(sock.fileno(), EPOLLOUT, self._on_connect_event)
         self.timer = self.loop.call_later(gw.connect_timeout, self._connect_timeout)
 
-    def _on_connect_event(self, _mask: int) -> None:
+    def _on_connect_event(self, mask: int) -> None:
         sock = self.connect_sock
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        self.loop.syscalls["getsockopt"] += 1
+        if mask == EPOLLOUT:
+            # writable and neither ERR nor HUP: the handshake completed (a
+            # failed connect always sets ERR) -- no SO_ERROR round trip
+            err = 0
+        else:
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            self.loop.syscalls["getsockopt"] += 1
         self.loop.cancel_timer(self.timer)
         self.timer = None
         if err:
@@ -225,7 +230,7 @@ class Relay:
         sock = self.connect_sock
         self.connect_sock = None
         if sock is not None:
-            self.loop.unregister(sock.fileno())
+            self.loop.forget(sock.fileno())  # the close drops it from epoll
             sock.close()
             self.loop.syscalls["close"] += 1
 
@@ -326,10 +331,18 @@ class Relay:
                     self.finish("proxy_error")
                     return
                 self.proxy_parser = None  # an untrusted client's EOF before any byte: no header to check
-            if self.backend is not None:
-                self.backend.write_eof()
+            src, dst = self.client, self.backend
         else:
-            self.client.write_eof()
+            src, dst = self.backend, self.client
+        if dst is None:
+            return
+        if dst.eof_received and src.eof_sent and not dst.buffered:
+            # the last direction ends and nothing is queued: close() sends
+            # the FIN a shutdown() would (the receive queue is empty after
+            # EOF, so no RST) -- one syscall fewer per connection
+            self.finish(self.reason)
+            return
+        dst.write_eof()
         self._maybe_done()
 
     def _maybe_done(self) -> None:

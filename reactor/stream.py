@@ -259,7 +259,10 @@ class Stream:
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         self._sc["getsockopt"] += 1
         if not err:
-            err = errno.ECONNRESET
+            # no error pending: a stale registration's event (see loop.py,
+            # "fd reuse and epoll"); if the socket did break, the next wait
+            # reports what is left of it (EOF, HUP)
+            return
         self._fatal(ConnectionResetError(err, errno.errorcode.get(err, str(err))))
 
     # -- reading -----------------------------------------------------------
@@ -267,8 +270,12 @@ class Stream:
     def _got_eof(self) -> None:
         self._eof_received = True
         self._reading = False
-        self._set_mask(self._mask & ~EPOLLIN)
+        # the protocol first: when this EOF ends a relay the stream is closed
+        # by now, and the epoll_ctl that would stop the (level-triggered)
+        # EOF from being reported again is not needed
         self.protocol.eof_received()
+        if not self._closed:
+            self._set_mask(self._mask & ~EPOLLIN)
 
     def pause_reading(self) -> None:
         if self._reading:
@@ -376,7 +383,7 @@ class Stream:
     # -- closing -----------------------------------------------------------
 
     def close(self, abort: bool = False) -> None:
-        """Close exactly once; unregister first (fd reuse, see loop.py).
+        """Close exactly once; forget the fd's handler first (fd reuse, see loop.py).
 
         ``abort`` sends RST instead of FIN (SO_LINGER 0), dropping anything
         queued -- used when the other side of a relay was reset, so the peer
@@ -386,8 +393,9 @@ class Stream:
             return
         self._closed = True
         self._reading = False
-        if not self._parked:
-            self.loop.unregister(self.fd)
+        # a parked fd is out of epoll already; otherwise the close below
+        # removes it, so only the handler goes (no EPOLL_CTL_DEL)
+        self.loop.forget(self.fd)
         self._parked = False
         if abort:
             try:
