@@ -125,7 +125,7 @@ class GatewayConfig:
     proxy_timeout: float = 5.0
     access_log: bool | str = True  # True = stderr, False = off, str = file path
     log_level: str = "info"
-    splice: str = "off"
+    splice: str = "auto"
     watch: bool = False
     backends_file: str = ""
 
@@ -766,7 +766,7 @@ def add_cli_options(parser: argparse.ArgumentParser) -> None:
         help="log each finished connection to stderr, or to FILE",
     )
     g.add_argument("--no-access-log", dest="access_log", action="store_const", const=False)
-    g.add_argument("--splice", choices=SPLICE_MODES, help="relay with splice(2) (default off)")
+    g.add_argument("--splice", choices=SPLICE_MODES, help="relay with splice(2) (default auto)")
 
 
 def from_cli(args: argparse.Namespace) -> Config:

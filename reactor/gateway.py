@@ -183,12 +183,16 @@ class Gateway:
 
     def _configure_pipes(self) -> None:
         limit = self.pipes.configure(self.max_connections, self.buffer_limit, len(self.balancer.backends))
+        # asked for explicitly (on): said out loud; the default (auto): quietly
+        # (/stats shows splice.max_pipes either way)
         if limit == 0:
-            log.warning("event=splice_disabled reason=fd_budget max_connections=%d fd_limit=%s "
-                        "hint=raise_RLIMIT_NOFILE_or_lower_max_connections",
-                        self.max_connections, _fd_soft_limit())
+            log.log(logging.WARNING if self.splice == "on" else logging.DEBUG,
+                    "event=splice_disabled reason=fd_budget max_connections=%d fd_limit=%s "
+                    "hint=raise_RLIMIT_NOFILE_or_lower_max_connections",
+                    self.max_connections, _fd_soft_limit())
         else:
-            log.info("event=splice mode=%s max_pipes=%d pipe_size=%d", self.splice, limit, self.pipes.size)
+            log.log(logging.INFO if self.splice == "on" else logging.DEBUG,
+                    "event=splice mode=%s max_pipes=%d pipe_size=%d", self.splice, limit, self.pipes.size)
 
     @property
     def addresses(self) -> list[str]:
@@ -473,6 +477,21 @@ class _Spoofcheck:
         else:
             relay._hold(view)
         return None
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise RLIMIT_NOFILE's soft limit to the hard one, as Go's runtime (the
+    seed's server) and HAProxy do at start: the common soft default of 1024
+    would cap a gateway at ~500 relays while the hard limit allows far more.
+    Returns (old soft, new soft)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard or soft == resource.RLIM_INFINITY:
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (OSError, ValueError):
+        return soft, soft
+    return soft, hard
 
 
 def _fd_soft_limit() -> int | str:

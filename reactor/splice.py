@@ -324,7 +324,7 @@ class SpliceableStream(Stream):
             self._sc["send"] += 1
             self.bytes_out += n
             del wbuf[:n]
-            if self._paused_peer and len(wbuf) <= self._low:
+            if self._paused_peer and len(wbuf) <= self._high >> 2:
                 self._paused_peer = False
                 self.protocol.resume_writing()
                 if self._closed:

@@ -52,17 +52,6 @@ def shared_recv_buffer(loop: Loop) -> memoryview:
     return view
 
 
-_LOW_WATERS: dict[int, int] = {}
-
-
-def _low_water(high: int) -> int:
-    """A quarter of the high watermark, as one shared int (not one per stream)."""
-    low = _LOW_WATERS.get(high)
-    if low is None:
-        low = _LOW_WATERS[high] = high // 4
-    return low
-
-
 class _Shut:
     """Sentinel for ``Stream._wbuf``: nothing may be written any more."""
 
@@ -107,13 +96,13 @@ class Stream:
 
     __slots__ = (
         "loop", "sock", "protocol", "peer", "role", "_mask", "_wbuf", "_reading",
-        "_eof_pending", "_eof_received", "_closed", "_paused_peer", "_high", "_low",
+        "_eof_pending", "_eof_received", "_closed", "_paused_peer", "_high",
         "_parked", "_view", "_sc", "bytes_in", "bytes_out",
     )
 
     def __init__(self, loop: Loop, sock: socket.socket, protocol: Any = None, *,
                  role: str = "client", high_water: int = DEFAULT_HIGH_WATER,
-                 low_water: int | None = None, nodelay: bool = True, start: bool = True) -> None:
+                 nodelay: bool = True, start: bool = True) -> None:
         self.loop = loop
         self.sock = sock
         self.protocol = protocol
@@ -128,7 +117,6 @@ class Stream:
         self._paused_peer = False
         self._parked = False
         self._high = high_water
-        self._low = _low_water(high_water) if low_water is None else low_water
         self._view = shared_recv_buffer(loop)
         self._sc = loop.syscalls
         self.bytes_in = 0
@@ -341,7 +329,7 @@ class Stream:
             self._sc["send"] += 1
             self.bytes_out += n
             del wbuf[:n]  # O(1): bytearray trims its head in place
-            if self._paused_peer and len(wbuf) <= self._low:
+            if self._paused_peer and len(wbuf) <= self._high >> 2:  # low watermark: a quarter
                 self._paused_peer = False
                 self.protocol.resume_writing()
                 if self._closed:

@@ -371,7 +371,7 @@ def test_fd_budget_keeps_room_for_max_connections(spawn, echo):
 
     def lower():
         import resource
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))  # soft and hard: no raising
 
     g = Gw(spawn, [spec(echo)], "on", preexec_fn=lower)
     wait_for(lambda: "event=splice_disabled reason=fd_budget" in g.proc.stderr_text(), what="the warning")
@@ -380,6 +380,24 @@ def test_fd_budget_keeps_room_for_max_connections(spawn, echo):
         assert recv_exact(c, 100000) == b"x" * 100000
     sp = g.stats()["splice"]
     assert sp["max_pipes"] == 0 and sp["pipes_refused"] >= 1 and sp["pipes_created"] == 0
+
+
+def test_gateway_raises_its_soft_fd_limit_to_the_hard_one(spawn, echo):
+    """As Go's runtime and HAProxy do: a soft limit of 1024 would starve both
+    the relays and the pipe budget while the hard limit allows more."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+
+    def lower():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+    g = Gw(spawn, [spec(echo)], "auto", preexec_fn=lower)
+    with open(f"/proc/{g.proc.pid}/limits") as f:
+        row = next(line for line in f if line.startswith("Max open files")).split()
+    assert (row[3], row[4]) == (str(hard), str(hard))
+    # and the pipe budget was reckoned from the raised limit
+    assert g.stats()["splice"]["max_pipes"] > 0
 
 
 # -- the pool itself, in process --------------------------------------------------------

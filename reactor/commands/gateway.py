@@ -26,7 +26,7 @@ from reactor import config as configmod
 from reactor.config import Config
 from reactor.discovery import Discovery, with_backends_file
 from reactor.errors import UsageError
-from reactor.gateway import Gateway
+from reactor.gateway import Gateway, raise_fd_limit
 from reactor.loop import Loop
 
 log = logging.getLogger("reactor.gateway")
@@ -77,6 +77,9 @@ def run_gateway(cfg: Config, args: argparse.Namespace | None, *, sockets=None,
                 banner: str = "reactor gateway", extra_setup=None,
                 resolver=socket.getaddrinfo) -> int:
     """Run one gateway worker until it is stopped or drained."""
+    old, new = raise_fd_limit()
+    if new != old:
+        log.debug("event=fd_limit soft=%d raised_from=%d", new, old)
     loop = Loop()
     config_path = getattr(args, "config", None) if args is not None else None
     state = {"terms": 0}
