@@ -96,7 +96,7 @@ class AccessLog:
         try:
             while view:
                 # a blocking fd: a short write only happens on a signal or a full disk
-                sc["write"] += 1
+                sc.write += 1
                 self.writes += 1
                 written = os.write(self.fd, view)
                 view = view[written:]

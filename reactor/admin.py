@@ -140,7 +140,7 @@ class AdminServer:
         if len(self.conns) >= self.max_connections and not self._evict_one():
             self.rejected += 1
             sock.close()
-            self.loop.syscalls["close"] += 1
+            self.loop.syscalls.close += 1
             return
         self.connections_total += 1
         self.conns[_AdminConn(self, sock)] = None
@@ -267,7 +267,7 @@ class AdminServer:
                 except OSError:
                     continue
                 finally:
-                    self.loop.syscalls["getsockname"] += 1
+                    self.loop.syscalls.getsockname += 1
                 active[format_address(local)] += 1
         out = []
         for row in rows:
@@ -553,7 +553,7 @@ class _CountingSocket:
         return self._sock.fileno()
 
     def getsockopt(self, *args: Any) -> Any:
-        self._sc["getsockopt"] += 1
+        self._sc.getsockopt += 1
         return self._sock.getsockopt(*args)
 
 

@@ -343,7 +343,7 @@ class Gateway:
             self.rejected_max_connections += 1
             self.reasons["max_connections"] += 1
             sock.close()
-            self.loop.syscalls["close"] += 1
+            self.loop.syscalls.close += 1
             if self.access is not None:
                 self.access.line(f"event=access client={format_address(addr)} backend=- bytes_in=0 "
                                  "bytes_out=0 duration=0 reason=max_connections")
@@ -400,7 +400,7 @@ class Gateway:
         dst = relay.local_addr
         if dst is None:
             dst = relay.client.sock.getsockname()
-            self.loop.syscalls["getsockname"] += 1
+            self.loop.syscalls.getsockname += 1
         src, dst = (src[0], src[1]), (dst[0], dst[1])
         return encode_v1(src, dst) if version == "v1" else encode_v2(src, dst)
 

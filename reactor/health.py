@@ -100,16 +100,16 @@ class HealthChecker:
         try:
             sock = socket.socket(backend.family,  # type: ignore[attr-defined]
                                  socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-            sc["socket"] += 1
+            sc.socket += 1
             err = sock.connect_ex(backend.address)
-            sc["connect"] += 1
+            sc.connect += 1
         except OSError as exc:
             log.warning("event=health_check_error backend=%s error=%s", backend.name, exc)
             return
         self.checks_total += 1
         if err and err not in _IN_PROGRESS:
             sock.close()
-            sc["close"] += 1
+            sc.close += 1
             self._result(backend, False, errno.errorcode.get(err, str(err)))
             return
         check.sock = sock
@@ -120,7 +120,7 @@ class HealthChecker:
 
     def _on_event(self, check: _Check) -> None:
         err = check.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        self.loop.syscalls["getsockopt"] += 1
+        self.loop.syscalls.getsockopt += 1
         self._end(check)
         self._result(check.backend, err == 0, errno.errorcode.get(err, str(err)) if err else "")
 
@@ -143,7 +143,7 @@ class HealthChecker:
         self.in_flight.pop(fd, None)
         self.loop.unregister(fd)
         sock.close()
-        self.loop.syscalls["close"] += 1
+        self.loop.syscalls.close += 1
 
     def _result(self, backend: Backend, ok: bool, why: str) -> None:
         if not self._running:

@@ -123,10 +123,10 @@ class Listener:
             try:
                 fd, addr = accept()
             except (BlockingIOError, InterruptedError):
-                sc["accept"] += 1
+                sc.accept += 1
                 break
             except OSError as exc:
-                sc["accept"] += 1
+                sc.accept += 1
                 if exc.errno in _EXHAUSTED:
                     self._exhausted(exc)
                     return
@@ -134,13 +134,13 @@ class Listener:
                     continue
                 self._exhausted(exc)  # unknown: back off rather than spin
                 return
-            sc["accept"] += 1
+            sc.accept += 1
             # The C socket type (no Python-level wrapper to build and tear down
             # per connection); passing family/type/proto skips CPython's three
             # getsockopt probes.
             conn = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
             conn.setblocking(False)
-            sc["ioctl"] += 1
+            sc.ioctl += 1
             self.accepted += 1
             self._backoff = BACKOFF_MIN
             try:
@@ -148,7 +148,7 @@ class Listener:
             except Exception:
                 log.exception("event=accept_handler_error client=%s", addr)
                 conn.close()
-                sc["close"] += 1
+                sc.close += 1
 
     def _exhausted(self, exc: OSError) -> None:
         if not self._paused:
@@ -177,4 +177,4 @@ class Listener:
             self._resume_handle.cancel()
         self.loop.unregister(self.fd)
         self.sock.close()
-        self.loop.syscalls["close"] += 1
+        self.loop.syscalls.close += 1

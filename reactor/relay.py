@@ -188,9 +188,9 @@ class Relay:
             # the C socket type, created non-blocking: no ioctl, and none of
             # socket.socket's Python-level __init__/close wrappers per connection
             sock = _socket.socket(backend.family, _STREAM_NONBLOCK)
-            self.loop.syscalls["socket"] += 1
+            self.loop.syscalls.socket += 1
             err = sock.connect_ex(backend.address)
-            self.loop.syscalls["connect"] += 1
+            self.loop.syscalls.connect += 1
         except OSError as exc:  # EMFILE and friends: this backend is not at fault
             log.warning("event=connect_error backend=%s error=%s", backend.name, exc)
             backend.active -= 1
@@ -198,7 +198,7 @@ class Relay:
             return
         if err and err not in _IN_PROGRESS:
             sock.close()
-            self.loop.syscalls["close"] += 1
+            self.loop.syscalls.close += 1
             self._connect_failed(backend, err)
             return
         self.connect_sock = sock
@@ -213,7 +213,7 @@ class Relay:
             err = 0
         else:
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            self.loop.syscalls["getsockopt"] += 1
+            self.loop.syscalls.getsockopt += 1
         self.loop.cancel_timer(self.timer)
         self.timer = None
         if err:
@@ -236,7 +236,7 @@ class Relay:
         if sock is not None:
             self.loop.forget(sock.fileno())  # the close drops it from epoll
             sock.close()
-            self.loop.syscalls["close"] += 1
+            self.loop.syscalls.close += 1
 
     def _connect_failed(self, backend: Backend, err: int) -> None:
         gw = self.gateway

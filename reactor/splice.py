@@ -142,18 +142,18 @@ class PipePool:
         try:
             r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
-            sc["pipe"] += 1
+            sc.pipe += 1
             self.failed += 1
             if self.failed == 1 or exc.errno not in (errno.EMFILE, errno.ENFILE):
                 log.warning("event=pipe_failed error=%s failures=%d", exc, self.failed)
             return None
-        sc["pipe"] += 1
+        sc.pipe += 1
         if self.size != DEFAULT_PIPE_SIZE:
             try:
                 fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, self.size)
             except OSError:
                 pass  # EPERM beyond the user's pipe-page quota: keep the kernel's default
-            sc["fcntl"] += 1
+            sc.fcntl += 1
         self.created += 1
         self.in_use += 1
         return Pipe(r, w)
@@ -168,7 +168,7 @@ class PipePool:
     def _close(self, pipe: Pipe) -> None:
         os.close(pipe.r)
         os.close(pipe.w)
-        self.loop.syscalls["close"] += 2
+        self.loop.syscalls.close += 2
         self.closed += 1
         pipe.r = pipe.w = -1
 
@@ -242,22 +242,37 @@ class SpliceableStream(Stream):
             try:
                 n = self.sock.recv_into(self._view)
             except (BlockingIOError, InterruptedError):
-                self._sc["recv"] += 1
+                self._sc.recv += 1
                 return
             except OSError as exc:
-                self._sc["recv"] += 1
+                self._sc.recv += 1
                 self._fatal(exc)
                 return
-            self._sc["recv"] += 1
+            sc = self._sc
+            sc.recv += 1
             if n:
                 self.bytes_in += n
                 peer = self.peer
-                if peer is not None:
-                    peer.write(self._view[:n])
-                    if n >= AUTO_MIN:
-                        self._big_read(n)
-                else:
+                if peer is None:
                     self.protocol.data_received(self._view[:n])
+                    return
+                if peer._wbuf is None:
+                    try:
+                        m = peer.sock.send(self._view[:n])
+                    except (BlockingIOError, InterruptedError):
+                        m = 0
+                    except OSError as exc:
+                        sc.send += 1
+                        peer._fatal(exc)
+                        return
+                    sc.send += 1
+                    peer.bytes_out += m
+                    if m != n:
+                        peer._queue(self._view[m:n])
+                else:
+                    peer._write_behind(self._view[:n])
+                if n >= AUTO_MIN:
+                    self._big_read(n)
             else:
                 self._got_eof()
             return
@@ -299,10 +314,10 @@ class SpliceableStream(Stream):
         except (BlockingIOError, InterruptedError):
             m = 0
         except OSError as exc:
-            self._sc["splice"] += 1
+            self._sc.splice += 1
             self._fatal(exc)
             return
-        self._sc["splice"] += 1
+        self._sc.splice += 1
         if m:
             self.bytes_out += m
             p.queued -= m
@@ -315,13 +330,13 @@ class SpliceableStream(Stream):
             try:
                 n = self.sock.send(wbuf)
             except (BlockingIOError, InterruptedError):
-                self._sc["send"] += 1
+                self._sc.send += 1
                 return
             except OSError as exc:
-                self._sc["send"] += 1
+                self._sc.send += 1
                 self._fatal(exc)
                 return
-            self._sc["send"] += 1
+            self._sc.send += 1
             self.bytes_out += n
             del wbuf[:n]
             if self._paused_peer and len(wbuf) <= self._high >> 2:
@@ -385,15 +400,15 @@ class SplicingStream(SpliceableStream):
         try:
             n = _splice(self.sock.fileno(), p.w, SPLICE_CHUNK, flags=_FLAGS)
         except (BlockingIOError, InterruptedError):
-            self._sc["splice"] += 1
+            self._sc.splice += 1
             if p.queued:
                 self.pause_reading()  # the pipe is full: the writer's drain resumes us
             return
         except OSError as exc:
-            self._sc["splice"] += 1
+            self._sc.splice += 1
             self._fatal(exc)
             return
-        self._sc["splice"] += 1
+        self._sc.splice += 1
         if not n:
             self._got_eof()
             return

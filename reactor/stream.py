@@ -124,7 +124,7 @@ class Stream:
         if nodelay and sock.family != socket.AF_UNIX:
             try:
                 sock.setsockopt(_IPPROTO_TCP, _TCP_NODELAY, 1)
-                self._sc["setsockopt"] += 1
+                self._sc.setsockopt += 1
             except OSError:
                 pass
         if start:
@@ -198,24 +198,40 @@ class Stream:
     def _on_event(self, events: int) -> None:
         if events == EPOLLIN:
             # The hot path, inlined: one recv_into, then straight to the
-            # receiver (for a relay: the peer stream's write).
+            # receiver -- for a relay, the peer's ``write``, itself inlined
+            # while the peer has nothing queued (a Python call less per
+            # message: ~700 of its ~4,000 interpreter instructions).
             try:
                 n = self.sock.recv_into(self._view)
             except (BlockingIOError, InterruptedError):
-                self._sc["recv"] += 1
+                self._sc.recv += 1
                 return
             except OSError as exc:
-                self._sc["recv"] += 1
+                self._sc.recv += 1
                 self._fatal(exc)
                 return
-            self._sc["recv"] += 1
+            sc = self._sc
+            sc.recv += 1
             if n:
                 self.bytes_in += n
                 peer = self.peer
-                if peer is not None:
-                    peer.write(self._view[:n])
-                else:
+                if peer is None:
                     self.protocol.data_received(self._view[:n])
+                elif peer._wbuf is None:
+                    try:
+                        m = peer.sock.send(self._view[:n])
+                    except (BlockingIOError, InterruptedError):
+                        m = 0
+                    except OSError as exc:
+                        sc.send += 1
+                        peer._fatal(exc)
+                        return
+                    sc.send += 1
+                    peer.bytes_out += m
+                    if m != n:
+                        peer._queue(self._view[m:n])
+                else:
+                    peer._write_behind(self._view[:n])
             else:
                 self._got_eof()
             return
@@ -245,7 +261,7 @@ class Stream:
 
     def _read_error(self) -> None:
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        self._sc["getsockopt"] += 1
+        self._sc.getsockopt += 1
         if not err:
             # no error pending: a stale registration's event (see loop.py,
             # "fd reuse and epoll"); if the socket did break, the next wait
@@ -293,17 +309,21 @@ class Stream:
         except (BlockingIOError, InterruptedError):
             n = 0
         except OSError as exc:
-            self._sc["send"] += 1
+            self._sc.send += 1
             self._fatal(exc)
             return
-        self._sc["send"] += 1
+        self._sc.send += 1
         self.bytes_out += n
         if n != len(data):
-            self._wbuf = bytearray(data[n:])
-            self._set_mask(self._mask | EPOLLOUT)
-            if len(self._wbuf) > self._high:
-                self._paused_peer = True
-                self.protocol.pause_writing()
+            self._queue(data[n:])
+
+    def _queue(self, tail: bytes | bytearray | memoryview) -> None:
+        """The kernel took part of a write: copy the tail, ask for EPOLLOUT."""
+        self._wbuf = wbuf = bytearray(tail)
+        self._set_mask(self._mask | EPOLLOUT)
+        if len(wbuf) > self._high:
+            self._paused_peer = True
+            self.protocol.pause_writing()
 
     def _write_behind(self, data: bytes | bytearray | memoryview) -> None:
         wbuf = self._wbuf
@@ -320,13 +340,13 @@ class Stream:
             try:
                 n = self.sock.send(wbuf)
             except (BlockingIOError, InterruptedError):
-                self._sc["send"] += 1
+                self._sc.send += 1
                 return
             except OSError as exc:
-                self._sc["send"] += 1
+                self._sc.send += 1
                 self._fatal(exc)
                 return
-            self._sc["send"] += 1
+            self._sc.send += 1
             self.bytes_out += n
             del wbuf[:n]  # O(1): bytearray trims its head in place
             if self._paused_peer and len(wbuf) <= self._high >> 2:  # low watermark: a quarter
@@ -360,10 +380,10 @@ class Stream:
             # ENOTCONN here means the peer reset us meanwhile: that is a lost
             # connection too -- staying silent would leave the relay waiting
             # for an eof_sent that never comes
-            self._sc["shutdown"] += 1
+            self._sc.shutdown += 1
             self._fatal(exc)
             return
-        self._sc["shutdown"] += 1
+        self._sc.shutdown += 1
         on_sent = getattr(self.protocol, "eof_sent", None)
         if on_sent is not None:
             on_sent()
@@ -388,13 +408,13 @@ class Stream:
         if abort:
             try:
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
-                self._sc["setsockopt"] += 1
+                self._sc.setsockopt += 1
             except OSError:
                 pass
         self._wbuf = _SHUT
         self.peer = None
         self.sock.close()
-        self._sc["close"] += 1
+        self._sc.close += 1
 
     def detach(self) -> None:
         """Forget the protocol and the peer (after ``close``).
@@ -418,8 +438,8 @@ class Stream:
 def make_nonblocking_connect(loop: Loop, address: tuple[str, int], family: int) -> tuple[socket.socket, int]:
     """Create a socket and start a non-blocking connect; returns (sock, errno)."""
     sock = socket.socket(family, socket.SOCK_STREAM)
-    loop.syscalls["socket"] += 1
+    loop.syscalls.socket += 1
     sock.setblocking(False)
     err = sock.connect_ex(address)
-    loop.syscalls["connect"] += 1
+    loop.syscalls.connect += 1
     return sock, err

@@ -86,7 +86,7 @@ class Server:
     def _on_accept(self, conn: socket.socket, addr: tuple) -> None:
         if self.mode == "close":
             conn.close()
-            self.loop.syscalls["close"] += 1
+            self.loop.syscalls.close += 1
             return
         stream = Stream(self.loop, conn, None, start=False)
         proto = Echo(stream, self.conns) if self.mode == "echo" else Discard(stream, self.conns)
