@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import _socket
 import errno
+import fcntl
 import logging
+import os
 import socket
+import termios
 from collections.abc import Callable
 
 from reactor.loop import EPOLLIN, Loop
@@ -34,6 +37,11 @@ _EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _TRANSIENT = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN,
               errno.ENOPROTOOPT, errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH,
               errno.EOPNOTSUPP, errno.ENETUNREACH}
+
+_ioctl = fcntl.ioctl
+_FIONBIO = termios.FIONBIO
+_ON = b"\1\0\0\0"  # FIONBIO takes a pointer to an int: 1 = non-blocking
+_close = os.close
 
 BACKOFF_MIN = 0.01
 BACKOFF_MAX = 1.0
@@ -90,13 +98,25 @@ class Listener:
     """Accepts connections and hands each ``(sock, addr)`` to ``on_accept``."""
 
     def __init__(self, loop: Loop, sock: socket.socket,
-                 on_accept: Callable[[socket.socket, tuple], None], *, batch: int = 64) -> None:
+                 on_accept: Callable[[socket.socket | int, tuple], None], *, batch: int = 64,
+                 bare: bool = False, nodelay: bool = False) -> None:
+        """``bare``: hand ``on_accept`` the accepted connection's fd, already
+        non-blocking, instead of a socket object (see ``Stream.sock``: the
+        object costs a hidden ``getsockname``). ``nodelay``: set TCP_NODELAY
+        on the listening socket, which accepted sockets inherit on Linux --
+        one setsockopt per listener instead of one per connection."""
         self.loop = loop
         self.sock = sock
         self.fd = sock.fileno()
         self.on_accept = on_accept
         self.batch = batch
+        self.bare = bare
         self.address = sock.getsockname()
+        self.nodelay = False
+        if nodelay and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            loop.syscalls.setsockopt += 1
+            self.nodelay = True
         self.accepted = 0
         self.exhausted_episodes = 0
         self._family = sock.family
@@ -119,6 +139,7 @@ class Listener:
         sc = self.loop.syscalls
         family = self._family
         on_accept = self.on_accept
+        bare = self.bare
         for _ in range(self.batch):
             try:
                 fd, addr = accept()
@@ -135,19 +156,37 @@ class Listener:
                 self._exhausted(exc)  # unknown: back off rather than spin
                 return
             sc.accept += 1
-            # The C socket type (no Python-level wrapper to build and tear down
-            # per connection); passing family/type/proto skips CPython's three
-            # getsockopt probes.
-            conn = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
-            conn.setblocking(False)
-            sc.ioctl += 1
+            # accept4 gets no SOCK_NONBLOCK from CPython (only CLOEXEC): one
+            # ioctl(FIONBIO) either way, the one setblocking(False) makes
+            if bare:
+                try:
+                    _ioctl(fd, _FIONBIO, _ON)
+                except OSError:
+                    sc.ioctl += 1
+                    _close(fd)
+                    sc.close += 1
+                    continue
+                sc.ioctl += 1
+                conn = fd
+            else:
+                # The C socket type (no Python-level wrapper to build and tear
+                # down); family/type/proto given skip CPython's getsockopt
+                # probes, but not the getsockname that validates the fd.
+                conn = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
+                sc.getsockname += 1
+                conn.setblocking(False)
+                sc.ioctl += 1
             self.accepted += 1
             self._backoff = BACKOFF_MIN
             try:
                 on_accept(conn, addr)
             except Exception:
                 log.exception("event=accept_handler_error client=%s", addr)
-                conn.close()
+                self.loop.forget(fd)  # a handler it registered must not outlive the fd
+                if bare:
+                    _close(fd)
+                else:
+                    conn.close()
                 sc.close += 1
 
     def _exhausted(self, exc: OSError) -> None:

@@ -95,7 +95,7 @@ class Relay:
         "local_addr", "ip_key",
     )
 
-    def __init__(self, gateway: Gateway, sock: socket.socket, addr: tuple) -> None:
+    def __init__(self, gateway: Gateway, sock: socket.socket | int, addr: tuple) -> None:
         self.gateway = gateway
         self.loop = gateway.loop
         # host and port, not accept()'s tuple: 56 bytes less per relay; the
@@ -118,8 +118,12 @@ class Relay:
         self._client_eof = False
         self.idle_mark = -1
         self.idle_since = self.started
+        # nodelay: the gateway's listeners set TCP_NODELAY, which accepted
+        # sockets inherit (Listener(nodelay=True)); a socket object handed in
+        # (tests, embedders) gets it set here
         self.client = gateway.stream_class(self.loop, sock, self, role="client",
-                                           high_water=gateway.buffer_limit)
+                                           high_water=gateway.buffer_limit,
+                                           nodelay=not isinstance(sock, int))
 
     def __repr__(self) -> str:
         b = self.backend_info.name if self.backend_info else "-"

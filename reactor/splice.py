@@ -56,7 +56,7 @@ import socket
 from typing import Any
 
 from reactor.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Loop
-from reactor.stream import _SHUT, Stream
+from reactor.stream import _SHUT, Stream, _readv, _write
 
 log = logging.getLogger("reactor.splice")
 
@@ -239,8 +239,9 @@ class SpliceableStream(Stream):
     # Mirrors Stream._on_event; the only addition is the ``n >= AUTO_MIN`` test.
     def _on_event(self, events: int) -> None:
         if events == EPOLLIN:
+            bufs = self._bufs
             try:
-                n = self.sock.recv_into(self._view)
+                n = _readv(self._fd, bufs)
             except (BlockingIOError, InterruptedError):
                 self._sc.recv += 1
                 return
@@ -254,11 +255,11 @@ class SpliceableStream(Stream):
                 self.bytes_in += n
                 peer = self.peer
                 if peer is None:
-                    self.protocol.data_received(self._view[:n])
+                    self.protocol.data_received(bufs[0][:n])
                     return
                 if peer._wbuf is None:
                     try:
-                        m = peer.sock.send(self._view[:n])
+                        m = _write(peer._fd, bufs[0][:n])
                     except (BlockingIOError, InterruptedError):
                         m = 0
                     except OSError as exc:
@@ -268,9 +269,9 @@ class SpliceableStream(Stream):
                     sc.send += 1
                     peer.bytes_out += m
                     if m != n:
-                        peer._queue(self._view[m:n])
+                        peer._queue(bufs[0][m:n])
                 else:
-                    peer._write_behind(self._view[:n])
+                    peer._write_behind(bufs[0][:n])
                 if n >= AUTO_MIN:
                     self._big_read(n)
             else:
@@ -310,7 +311,7 @@ class SpliceableStream(Stream):
 
     def _pipe_out(self, p: Pipe) -> None:
         try:
-            m = _splice(p.r, self.sock.fileno(), p.queued, flags=_FLAGS)
+            m = _splice(p.r, self._fd, p.queued, flags=_FLAGS)
         except (BlockingIOError, InterruptedError):
             m = 0
         except OSError as exc:
@@ -328,7 +329,7 @@ class SpliceableStream(Stream):
         wbuf = self._wbuf
         if wbuf:
             try:
-                n = self.sock.send(wbuf)
+                n = _write(self._fd, wbuf)
             except (BlockingIOError, InterruptedError):
                 self._sc.send += 1
                 return
@@ -398,7 +399,7 @@ class SplicingStream(SpliceableStream):
             return  # an event of this batch from before a pause or EOF
         p: Pipe = self._splice  # type: ignore[assignment]
         try:
-            n = _splice(self.sock.fileno(), p.w, SPLICE_CHUNK, flags=_FLAGS)
+            n = _splice(self._fd, p.w, SPLICE_CHUNK, flags=_FLAGS)
         except (BlockingIOError, InterruptedError):
             self._sc.splice += 1
             if p.queued:
