@@ -240,8 +240,12 @@ class SpliceableStream(Stream):
     def _on_event(self, events: int) -> None:
         if events == EPOLLIN:
             bufs = self._bufs
+            sock = self._sock
             try:
-                n = _readv(self._fd, bufs)
+                if sock is None:
+                    n = _readv(self._fd, bufs)
+                else:
+                    n = sock.recv_into(bufs[0])
             except (BlockingIOError, InterruptedError):
                 self._sc.recv += 1
                 return
