@@ -217,3 +217,27 @@ def test_strace_summary_parse():
         "recvfrom": {"calls": 4000, "errors": 13},
         "epoll_wait": {"calls": 81, "errors": 0},
     }
+
+
+def _pp_run(round_: int, other: float, user: float, sys_: float) -> dict:
+    return {
+        "peer": "p", "workload": "pingpong-50", "round": round_,
+        "result": {"count": 1_000_000, "rate": 1.0,
+                   "lat_us": {"p50": 1.0, "p99": 2.0, "p999": 3.0}},
+        "window": {"proxy_cpu": {"user": user, "sys": sys_}, "other_cores": other,
+                   "bound": "both", "proxy_cores": 1.0, "load_cores": 1.0},
+    }
+
+
+def test_user_sys_split_is_pooled_over_rounds():
+    from bench.report import summarize
+
+    # round 1 is the least disturbed and is reported; its own split (4:6) is one
+    # small tick sample, the three rounds together say 3:7 (9 of 30 s user)
+    runs = [_pp_run(0, 0.5, 2.0, 8.0), _pp_run(1, 0.0, 4.0, 6.0), _pp_run(2, 0.3, 3.0, 7.0)]
+    out = summarize({"peers": ["p"], "runs": runs})["p"]
+    assert out["pp50.round"] == 1
+    assert out["pp50.cpu"] == pytest.approx(10.0)  # the reported window's total, untouched
+    assert out["pp50.user_share"] == pytest.approx(0.3)
+    assert out["pp50.user"] == pytest.approx(3.0)
+    assert out["pp50.sys"] == pytest.approx(7.0)
