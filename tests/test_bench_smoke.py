@@ -241,3 +241,17 @@ def test_user_sys_split_is_pooled_over_rounds():
     assert out["pp50.user_share"] == pytest.approx(0.3)
     assert out["pp50.user"] == pytest.approx(3.0)
     assert out["pp50.sys"] == pytest.approx(7.0)
+    # every sample's CPU cost, not only the reported window's: 10.0 each here
+    assert out["pp50.cpu_best"] == pytest.approx(10.0)
+    assert out["pp50.cpu_median"] == pytest.approx(10.0)
+
+
+def test_best_and_median_round_of_cpu_cost():
+    from bench.report import summarize
+
+    # per msg: 20, 12, 15 us; the least-disturbed window (round 0) is 20
+    runs = [_pp_run(0, 0.0, 4.0, 16.0), _pp_run(1, 0.4, 2.0, 10.0), _pp_run(2, 0.2, 3.0, 12.0)]
+    out = summarize({"peers": ["p"], "runs": runs})["p"]
+    assert out["pp50.cpu"] == pytest.approx(20.0)
+    assert out["pp50.cpu_best"] == pytest.approx(12.0)
+    assert out["pp50.cpu_median"] == pytest.approx(15.0)
