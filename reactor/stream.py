@@ -12,9 +12,9 @@ asyncio's selector transports do:
     protocol.pause_writing()       our outbound queue passed the high watermark
     protocol.resume_writing()      …and drained to the low watermark
 
-The data path is deliberately short: one ``recv_into`` per readiness event
-(never a second, speculative one that would return EAGAIN), and ``write``
-tries ``send`` at once, queueing only the unsent tail and asking epoll for
+The data path is deliberately short: one read per readiness event (never a
+second, speculative one that would return EAGAIN), and ``write`` tries the
+send at once, queueing only the unsent tail and asking epoll for
 *writable* only while a tail exists.
 """
 
