@@ -45,7 +45,9 @@ def echo_until_eof(conn: socket.socket) -> None:
     conn.close()
 
 
-def test_one_connection_costs_the_syscall_floor():
+def quiet_gateway() -> tuple[ThreadServer, Loop, Gateway, tuple]:
+    """An in-process gateway in front of one echo backend, with nothing that
+    makes syscalls of its own (no access log, admin or health checks)."""
     backend = ThreadServer(echo_until_eof)
     loop = Loop()
     cfg = C.Config(
@@ -55,7 +57,11 @@ def test_one_connection_costs_the_syscall_floor():
         backends=(C.BackendConfig(host="127.0.0.1", port=backend.addr[1]),))
     gw = Gateway(loop, cfg)
     gw.start()
-    addr = gw.listeners[0].sock.getsockname()
+    return backend, loop, gw, gw.listeners[0].sock.getsockname()
+
+
+def test_one_connection_costs_the_syscall_floor():
+    backend, loop, gw, addr = quiet_gateway()
     done = threading.Event()
     after: dict[str, int] = {}
 
@@ -105,16 +111,7 @@ def test_accepted_sockets_inherit_nodelay():
     """The per-connection setsockopt went away only because Linux copies
     TCP_NODELAY from the listener to each accepted socket: check the real
     client-side socket of a live relay."""
-    backend = ThreadServer(echo_until_eof)
-    loop = Loop()
-    cfg = C.Config(
-        gateway=dataclasses.replace(C.GatewayConfig(), listen=(("127.0.0.1", 0),), access_log=False),
-        admin=C.AdminConfig(listen=None),
-        health=dataclasses.replace(C.HealthConfig(), enabled=False),
-        backends=(C.BackendConfig(host="127.0.0.1", port=backend.addr[1]),))
-    gw = Gateway(loop, cfg)
-    gw.start()
-    addr = gw.listeners[0].sock.getsockname()
+    backend, loop, gw, addr = quiet_gateway()
     c = socket.create_connection(addr, timeout=5)
     try:
         for _ in range(200):
