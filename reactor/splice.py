@@ -28,9 +28,10 @@ empty; an error closes the relay as on the recv/send path.
 Discussion: why a class change and not a flag
 ---------------------------------------------
 The recv/send hot path of a small-message relay must not pay for splicing,
-not even an attribute test. With ``splice = "off"`` relays use the plain
-``Stream``; a ``SpliceableStream`` adds one comparison per read (``n >=
-AUTO_MIN``) and nothing else; a spliced direction runs other code entirely.
+not even an attribute test. A ``SpliceableStream`` reads with ``Stream``'s own
+hot path, whose one comparison per read (``n >= BIG_READ``) calls the
+``_big_read`` hook -- a no-op in ``Stream`` (``splice = "off"``), the bulk
+detector here -- and nothing else; a spliced direction runs other code entirely.
 The state a spliceable stream needs lives in one slot, ``_splice``: before its
 direction switches, the ``bytes_in`` value after its last big read (or None:
 never splice, e.g. no pipe could be had); once it switches, its ``Pipe``.
@@ -56,14 +57,12 @@ import socket
 from typing import Any
 
 from reactor.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Loop
-from reactor.stream import _SHUT, Stream, _readv, _write
+from reactor.stream import _SHUT, Stream, _write
 
 log = logging.getLogger("reactor.splice")
 
 MODES = ("off", "on", "auto")
 
-# auto: a direction switches after two reads in a row of at least this many bytes
-AUTO_MIN = 16384
 # bytes asked of one socket -> pipe splice; the kernel moves what the pipe holds
 SPLICE_CHUNK = 1 << 20
 POOL_KEEP = 16  # empty pipes kept for the next relays
@@ -235,55 +234,6 @@ class SpliceableStream(Stream):
     def __init__(self, *args: Any, **kw: Any) -> None:
         self._splice: Pipe | int | None = -1
         Stream.__init__(self, *args, **kw)
-
-    # Mirrors Stream._on_event; the only addition is the ``n >= AUTO_MIN`` test.
-    def _on_event(self, events: int) -> None:
-        if events == EPOLLIN:
-            bufs = self._bufs
-            sock = self._sock
-            try:
-                if sock is None:
-                    n = _readv(self._fd, bufs)
-                else:
-                    n = sock.recv_into(bufs[0])
-            except (BlockingIOError, InterruptedError):
-                self._sc.recv += 1
-                return
-            except OSError as exc:
-                self._sc.recv += 1
-                self._fatal(exc)
-                return
-            sc = self._sc
-            sc.recv += 1
-            if n:
-                self.bytes_in += n
-                peer = self.peer
-                if peer is None:
-                    self.protocol.data_received(bufs[0][:n])
-                    return
-                if peer._wbuf is None:
-                    try:
-                        m = _write(peer._fd, bufs[0][:n])
-                    except (BlockingIOError, InterruptedError):
-                        m = 0
-                    except OSError as exc:
-                        sc.send += 1
-                        peer._fatal(exc)
-                        return
-                    sc.send += 1
-                    peer.bytes_out += m
-                    if m != n:
-                        peer._queue(bufs[0][m:n])
-                else:
-                    peer._write_behind(bufs[0][:n])
-                if n >= AUTO_MIN:
-                    self._big_read(n)
-            else:
-                self._got_eof()
-            return
-        Stream._on_event(self, events)
-
-    handle_event = _on_event
 
     def _big_read(self, n: int) -> None:
         """auto: two big reads in a row make a bulk direction; splice it.

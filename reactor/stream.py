@@ -31,6 +31,9 @@ from reactor.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Loop
 log = logging.getLogger("reactor.stream")
 
 RECV_SIZE = 65536
+# A relayed read this big calls ``_big_read``: two in a row make a bulk flow
+# that ``splice = auto`` moves to splice(2) (HAProxy's splice-auto, in spirit).
+BIG_READ = 16384
 DEFAULT_HIGH_WATER = 256 * 1024
 
 _TCP_NODELAY = socket.TCP_NODELAY
@@ -282,7 +285,8 @@ class Stream:
                 peer = self.peer
                 if peer is None:
                     self.protocol.data_received(bufs[0][:n])
-                elif peer._wbuf is None:
+                    return
+                if peer._wbuf is None:
                     try:
                         m = _write(peer._fd, bufs[0][:n])
                     except (BlockingIOError, InterruptedError):
@@ -297,6 +301,8 @@ class Stream:
                         peer._queue(bufs[0][m:n])
                 else:
                     peer._write_behind(bufs[0][:n])
+                if n >= BIG_READ:
+                    self._big_read(n)
             else:
                 self._got_eof()
             return
@@ -318,6 +324,10 @@ class Stream:
             self._park()
 
     handle_event = _on_event  # the loop calls the stream itself
+
+    def _big_read(self, n: int) -> None:
+        """A relayed read of ``BIG_READ`` bytes or more: the hook with which
+        ``splice.SpliceableStream`` detects bulk flows (``splice = auto``)."""
 
     def _park(self) -> None:
         if not self._parked:
