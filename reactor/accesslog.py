@@ -36,7 +36,7 @@ class AccessLog:
     """Lines buffered for the current loop turn; ``flush`` writes them."""
 
     __slots__ = ("loop", "dest", "fd", "_own_fd", "_lines", "_scheduled", "_second", "_prefix",
-                 "lines_written", "lines_dropped", "writes")
+                 "_ms", "_stamp_text", "lines_written", "lines_dropped", "writes")
 
     def __init__(self, loop: Any, dest: bool | str) -> None:
         """``dest``: True for stderr, or a file path (opened for append)."""
@@ -56,18 +56,24 @@ class AccessLog:
         self._scheduled = False
         self._second = -1
         self._prefix = ""
+        self._ms = -1
+        self._stamp_text = ""
         self.lines_written = 0
         self.lines_dropped = 0
         self.writes = 0
 
     def _stamp(self) -> str:
-        # The format logging's asctime used: "2026-12-03 20:14:07,412".
-        t = time.time()
-        sec = int(t)
-        if sec != self._second:
-            self._second = sec
-            self._prefix = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sec))
-        return f"{self._prefix},{int((t - sec) * 1000):03d}"
+        # The format logging's asctime used: "2026-12-03 20:14:07,412", made
+        # once per millisecond (a busy turn closes many connections in one).
+        ms = int(time.time() * 1000)
+        if ms != self._ms:
+            self._ms = ms
+            sec = ms // 1000
+            if sec != self._second:
+                self._second = sec
+                self._prefix = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sec))
+            self._stamp_text = f"{self._prefix},{ms % 1000:03d}"
+        return self._stamp_text
 
     def access(self, client: str, backend: str, bytes_in: int, bytes_out: int,
                duration: float, reason: str) -> None:

@@ -388,9 +388,7 @@ class Gateway:
         self.bytes_out += relay.client.bytes_out
         access = self.access
         if access is not None:
-            r = relay.access_record()
-            access.access(r["client"], r["backend"], r["bytes_in"], r["bytes_out"], r["duration"],
-                          r["reason"])
+            access.line(relay.access_text())
         if self.draining and not self.relays and self._drain_timer is not None:
             self.loop.cancel_timer(self._drain_timer)
             self._drain_timer = None

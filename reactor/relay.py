@@ -402,16 +402,21 @@ class Relay:
         if self.backend is not None:
             self.backend.detach()
 
-    def access_record(self) -> dict[str, Any]:
+    def access_text(self) -> str:
+        """The access line's fields (``AccessLog.line`` adds the time stamp).
+
+        One f-string straight from the relay: no dict of fields, no ``round``
+        (a float to decimal and back) -- a fifth of the line's cost, and the
+        line was a sixth of a churned connection's Python (callgrind).
+        """
         b = self.backend_info
-        return {
-            "client": _fmt(self.client_addr),
-            "backend": b.name if b is not None and (self.backend is not None or self.tried) else "-",
-            "bytes_in": self.client.bytes_in,
-            "bytes_out": self.client.bytes_out,
-            "duration": round(time.monotonic() - self.started, 6),
-            "reason": self.reason,
-        }
+        ip = self.client_ip
+        client = f"[{ip}]:{self.client_port}" if ":" in ip else f"{ip}:{self.client_port}"
+        backend = b.name if b is not None and (self.backend is not None or self.tried) else "-"
+        c = self.client
+        return (f"event=access client={client} backend={backend} bytes_in={c.bytes_in} "
+                f"bytes_out={c.bytes_out} duration={time.monotonic() - self.started:.3f} "
+                f"reason={self.reason}")
 
 
 def _fmt(addr: Any) -> str:

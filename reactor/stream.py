@@ -183,9 +183,9 @@ class Stream:
         # The stream itself is the loop's handler (``handle_event``): a bound
         # method per fd would cost 64 bytes per idle connection.
         if registered:
-            self.loop.set_handler(self.fd, EPOLLIN, self)
+            self.loop.set_handler(self._fd, EPOLLIN, self)
         else:
-            self.loop.register(self.fd, EPOLLIN, self)
+            self.loop.register(self._fd, EPOLLIN, self)
 
     # -- state -------------------------------------------------------------
 
@@ -256,7 +256,7 @@ class Stream:
         if mask != self._mask:
             self._mask = mask
             if not self._parked:
-                self.loop.modify(self.fd, mask)
+                self.loop.modify(self._fd, mask)
 
     def _on_event(self, events: int) -> None:
         if events == EPOLLIN:
@@ -331,7 +331,7 @@ class Stream:
 
     def _park(self) -> None:
         if not self._parked:
-            self.loop.unregister(self.fd)
+            self.loop.unregister(self._fd)
             self._parked = True
 
     def _read_error(self) -> None:
@@ -368,7 +368,7 @@ class Stream:
             if self._parked:
                 self._parked = False
                 self._mask = mask
-                self.loop.register(self.fd, mask, self)
+                self.loop.register(self._fd, mask, self)
             else:
                 self._set_mask(mask)
 
