@@ -193,3 +193,44 @@ def test_stream_changes_epoll_mask_only_when_it_really_changes(loop):
     assert trace == [("pause", 1), ("pause", 1), ("resume", 2), ("resume", 2), ("pause", 3)]
     st.close()
     b.close()
+
+
+def test_relayed_pairs_count_as_one_recv_and_one_send(loop):
+    """The hot path counts a read-then-write once (``relayed``); through the
+    mapping it is a recv and a send, exactly what the kernel saw -- for a
+    small read (a cached view of the shared buffer), a large one, and EOF."""
+    from reactor.stream import SMALL_VIEWS, Stream
+
+    c_out, c_in = socket.socketpair()
+    b_in, b_out = socket.socketpair()
+
+    class P:
+        def eof_received(self):
+            pass
+
+    a, b = Stream(loop, c_in, P()), Stream(loop, b_in, P())
+    a.peer, b.peer = b, a
+    before = dict(loop.syscalls)
+    got = []
+    for payload in (b"x" * 64, b"y" * (SMALL_VIEWS + 10), b"z" * 1024, b"w"):
+        c_out.sendall(payload)
+        loop.call_later(0.02, loop.stop)
+        loop.run()
+        got.append(b_out.recv(65536))
+    c_out.shutdown(socket.SHUT_WR)
+    loop.call_later(0.02, loop.stop)
+    loop.run()
+    after = dict(loop.syscalls)
+    assert got == [b"x" * 64, b"y" * (SMALL_VIEWS + 10), b"z" * 1024, b"w"]
+    # four relayed reads and the EOF's read; four writes
+    assert after["recv"] - before["recv"] == 5
+    assert after["send"] - before["send"] == 4
+    assert loop.syscalls.relayed == 4
+    assert a.bytes_in == b.bytes_out == 64 + SMALL_VIEWS + 10 + 1024 + 1
+    # the mapping writes back through the same offset
+    loop.syscalls["send"] += 1
+    assert dict(loop.syscalls)["send"] == after["send"] + 1
+    for s in (a, b):
+        s.close()
+    for s in (c_out, b_out):
+        s.close()
