@@ -61,33 +61,32 @@ _readv = os.readv
 _write = os.write
 
 
-def shared_recv_buffers(loop: Loop) -> list[memoryview]:
-    """``[shared_recv_buffer(loop)]``: the iovec list ``os.readv`` reads into."""
-    bufs = getattr(loop, "_recv_bufs", None)
-    if bufs is None:
-        bufs = loop._recv_bufs = [shared_recv_buffer(loop)]  # type: ignore[attr-defined]
-    return bufs
-
-
 SMALL_VIEWS = 1025  # views cached for reads of 0..1024 bytes
+WHOLE = SMALL_VIEWS  # views[WHOLE]: the whole shared buffer (recv_into, slicing)
+IOVEC = SMALL_VIEWS + 1  # views[IOVEC]: [the whole buffer], the list os.readv fills
 
 
-def shared_small_views(loop: Loop) -> list[memoryview]:
-    """``views[n]`` is ``shared_recv_buffer(loop)[:n]`` for every n < SMALL_VIEWS.
+def shared_views(loop: Loop) -> list[Any]:
+    """The loop's views of its shared receive buffer, in one list a stream
+    holds in one slot: ``views[n] == buffer[:n]`` for n < SMALL_VIEWS, then
+    ``views[WHOLE]`` (the buffer) and ``views[IOVEC]`` (``[buffer]``).
 
     Discussion: the relay hands the peer's ``write`` exactly the bytes it
     read, a slice of the shared buffer. Slicing a memoryview makes two objects
     (a slice and the view) and releases them after the write: ~350
     instructions of a forwarded message's ~7,200 (callgrind). A game's
     messages are small, so the views of the first KiB are made once per loop
-    (1,025 views, ~190 KB) and reused; larger reads slice as before. A view is
-    only ever passed to ``os.write`` or copied (a queued tail), never handed
-    to a protocol, which might keep or release it.
+    (1,025 views, ~190 KB) and reused; larger reads slice as before. A cached
+    view is only ever passed to ``os.write`` or copied (a queued tail), never
+    handed to a protocol, which might keep or release it.
     """
-    views = getattr(loop, "_small_views", None)
+    views = getattr(loop, "_views", None)
     if views is None:
         buf = shared_recv_buffer(loop)
-        views = loop._small_views = [buf[:n] for n in range(SMALL_VIEWS)]  # type: ignore[attr-defined]
+        views = [buf[:n] for n in range(SMALL_VIEWS)]
+        views.append(buf)
+        views.append([buf])
+        loop._views = views  # type: ignore[attr-defined]
     return views
 
 
@@ -152,7 +151,7 @@ class Stream:
     __slots__ = (
         "loop", "_fd", "_sock", "protocol", "peer", "role", "_mask", "_wbuf", "_reading",
         "_eof_pending", "_eof_received", "_closed", "_paused_peer", "_high",
-        "_parked", "_bufs", "_views", "_sc", "bytes_in", "bytes_out",
+        "_parked", "_views", "_sc", "bytes_in", "bytes_out",
     )
 
     def __init__(self, loop: Loop, sock: socket.socket | int, protocol: Any = None, *,
@@ -179,8 +178,7 @@ class Stream:
         self._paused_peer = False
         self._parked = False
         self._high = high_water
-        self._bufs = shared_recv_buffers(loop)
-        self._views = shared_small_views(loop)
+        self._views = shared_views(loop)
         self._sc = loop.syscalls
         self.bytes_in = 0
         self.bytes_out = 0
@@ -287,13 +285,13 @@ class Stream:
             # receiver -- for a relay, the peer's ``write``, itself inlined
             # while the peer has nothing queued (a Python call less per
             # message: ~700 of its ~4,000 interpreter instructions).
-            bufs = self._bufs
+            views = self._views
             sock = self._sock
             try:
                 if sock is None:
-                    n = _readv(self._fd, bufs)
+                    n = _readv(self._fd, views[IOVEC])
                 else:
-                    n = sock.recv_into(bufs[0])
+                    n = sock.recv_into(views[WHOLE])
             except (BlockingIOError, InterruptedError):
                 self._sc.recv += 1
                 return
@@ -307,9 +305,9 @@ class Stream:
                 peer = self.peer
                 if peer is None:
                     sc.recv += 1
-                    self.protocol.data_received(bufs[0][:n])
+                    self.protocol.data_received(views[WHOLE][:n])
                     return
-                view = self._views[n] if n < SMALL_VIEWS else bufs[0][:n]
+                view = views[n] if n < SMALL_VIEWS else views[WHOLE][:n]
                 if peer._wbuf is None:
                     try:
                         m = _write(peer._fd, view)
