@@ -348,8 +348,7 @@ class Gateway:
             os.close(fd)
             self.loop.syscalls.close += 1
             if self.access is not None:
-                self.access.line(f"event=access client={format_address(addr)} backend=- bytes_in=0 "
-                                 "bytes_out=0 duration=0 reason=max_connections")
+                self.access.access(format_address(addr), "-", 0, 0, 0.0, "max_connections")
             return
         relay = Relay(self, fd, addr)
         self.relays.add(relay)
@@ -388,7 +387,7 @@ class Gateway:
         self.bytes_out += relay.client.bytes_out
         access = self.access
         if access is not None:
-            access.line(relay.access_text())
+            relay.log_access(access)
         if self.draining and not self.relays and self._drain_timer is not None:
             self.loop.cancel_timer(self._drain_timer)
             self._drain_timer = None

@@ -67,43 +67,37 @@ IOVEC = SMALL_VIEWS + 1  # views[IOVEC]: [the whole buffer], the list os.readv f
 
 
 def shared_views(loop: Loop) -> list[Any]:
-    """The loop's views of its shared receive buffer, in one list a stream
-    holds in one slot: ``views[n] == buffer[:n]`` for n < SMALL_VIEWS, then
+    """The loop's one receive buffer, as the views a stream needs, in one list
+    it holds in one slot: ``views[n] == buffer[:n]`` for n < SMALL_VIEWS, then
     ``views[WHOLE]`` (the buffer) and ``views[IOVEC]`` (``[buffer]``).
 
-    Discussion: the relay hands the peer's ``write`` exactly the bytes it
-    read, a slice of the shared buffer. Slicing a memoryview makes two objects
-    (a slice and the view) and releases them after the write: ~350
-    instructions of a forwarded message's ~7,200 (callgrind). A game's
-    messages are small, so the views of the first KiB are made once per loop
-    (1,025 views, ~190 KB) and reused; larger reads slice as before. A cached
-    view is only ever passed to ``os.write`` or copied (a queued tail), never
-    handed to a protocol, which might keep or release it.
+    Discussion: one buffer for every stream
+    ---------------------------------------
+    A relay consumes what it reads before the handler returns (it sends it
+    on, or copies the unsent tail into the peer's queue), so one buffer
+    serves every connection. Per-connection memory then holds only data the
+    kernel would not take -- the lever that keeps an idle connection well
+    under a kilobyte of Python state.
+
+    Discussion: cached views
+    ------------------------
+    The relay hands the peer's ``write`` exactly the bytes it read, a slice
+    of that buffer. Slicing a memoryview makes two objects (a slice and the
+    view) and releases them after the write: ~350 instructions of a forwarded
+    message's ~7,200 (callgrind). A game's messages are small, so the views of
+    the first KiB are made once per loop (1,025 views, ~190 KB) and reused;
+    larger reads slice as before. A cached view is only ever passed to
+    ``os.write`` or copied (a queued tail), never handed to a protocol, which
+    might keep or release it.
     """
     views = getattr(loop, "_views", None)
     if views is None:
-        buf = shared_recv_buffer(loop)
+        buf = memoryview(bytearray(RECV_SIZE))
         views = [buf[:n] for n in range(SMALL_VIEWS)]
         views.append(buf)
         views.append([buf])
         loop._views = views  # type: ignore[attr-defined]
     return views
-
-
-def shared_recv_buffer(loop: Loop) -> memoryview:
-    """One receive buffer per loop, shared by every stream on it.
-
-    Discussion: a relay consumes what it reads before the handler returns (it
-    sends it on, or copies the unsent tail into the peer's queue), so one
-    buffer serves every connection. Per-connection memory then holds only
-    data the kernel would not take -- the lever that keeps an idle connection
-    well under a kilobyte of Python state.
-    """
-    view = getattr(loop, "_recv_view", None)
-    if view is None:
-        view = memoryview(bytearray(RECV_SIZE))
-        loop._recv_view = view  # type: ignore[attr-defined]
-    return view
 
 
 class _Shut:
@@ -284,7 +278,7 @@ class Stream:
             # The hot path, inlined: one read, then straight to the
             # receiver -- for a relay, the peer's ``write``, itself inlined
             # while the peer has nothing queued (a Python call less per
-            # message: ~700 of its ~4,000 interpreter instructions).
+            # message, ~700 instructions of the ~6,600 it costs now).
             views = self._views
             sock = self._sock
             try:
