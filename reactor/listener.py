@@ -40,7 +40,11 @@ _TRANSIENT = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN,
 
 _ioctl = fcntl.ioctl
 _FIONBIO = termios.FIONBIO
-_ON = b"\1\0\0\0"  # FIONBIO takes a pointer to an int: 1 = non-blocking
+# FIONBIO takes a pointer to an int: 1 = non-blocking. A *bytearray*:
+# fcntl.ioctl tries its argument as a writable buffer first, and a bytes
+# object fails that parse -- an error message formatted and thrown away per
+# accepted connection (340 ns of the call's 760, timeit).
+_ON = bytearray(b"\1\0\0\0")
 _close = os.close
 
 BACKOFF_MIN = 0.01

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from reactor.loop import EPOLLOUT
 from reactor.splice import start_splice
-from reactor.stream import Stream
+from reactor.stream import _SHUT, Stream
 
 if TYPE_CHECKING:  # pragma: no cover
     from reactor.balancer import Backend
@@ -121,9 +121,9 @@ class Relay:
         # nodelay: the gateway's listeners set TCP_NODELAY, which accepted
         # sockets inherit (Listener(nodelay=True)); a socket object handed in
         # (tests, embedders) gets it set here
-        self.client = gateway.stream_class(self.loop, sock, self, role="client",
-                                           high_water=gateway.buffer_limit,
-                                           nodelay=not isinstance(sock, int))
+        # (by position: see Stream.__init__)
+        self.client = gateway.stream_class(self.loop, sock, self, "client",
+                                           gateway.buffer_limit, not isinstance(sock, int))
 
     def __repr__(self) -> str:
         b = self.backend_info.name if self.backend_info else "-"
@@ -206,8 +206,11 @@ class Relay:
             self._connect_failed(backend, err)
             return
         self.connect_sock = sock
-        self.loop.register(sock.fileno(), EPOLLOUT, self._on_connect_event)
-        self.timer = self.loop.call_later(gw.connect_timeout, self._connect_timeout)
+        loop = self.loop
+        # the relay is the connect's handler itself (``handle_event``): no
+        # bound method and no wrapper object per connection
+        loop.register(sock.fileno(), EPOLLOUT, self)
+        self.timer = loop.call_at(loop.now + gw.connect_timeout, self._connect_timeout)
 
     def _on_connect_event(self, mask: int) -> None:
         sock = self.connect_sock
@@ -226,6 +229,8 @@ class Relay:
             return
         self.connect_sock = None
         self._connected(sock)
+
+    handle_event = _on_connect_event  # the loop calls the relay while it connects
 
     def _connect_timeout(self) -> None:
         self.timer = None
@@ -264,8 +269,8 @@ class Relay:
         backend = self.backend_info
         backend.record_success(self.loop.now)
         client = self.client
-        b = self.gateway.stream_class(self.loop, sock, _BackendSide(self), role="backend",
-                                      high_water=self.gateway.buffer_limit, start=False)
+        b = self.gateway.stream_class(self.loop, sock, _BackendSide(self), "backend",
+                                      self.gateway.buffer_limit, True, False)
         b.peer = client
         b.start(b.protocol, registered=True)  # the connect's epoll entry, re-aimed
         self.backend = b
@@ -285,7 +290,8 @@ class Relay:
                 start_splice(client)
         if self._client_eof:
             b.write_eof()
-        elif not client.reading and not client.eof_received and b.buffered < self.gateway.buffer_limit:
+        elif (not client._reading and not client._eof_received
+              and b.buffered < self.gateway.buffer_limit):
             client.resume_reading()
 
     # -- PROXY protocol in ----------------------------------------------------
@@ -344,7 +350,10 @@ class Relay:
             src, dst = self.backend, self.client
         if dst is None:
             return
-        if dst.eof_received and src.eof_sent and not dst.buffered:
+        # The streams' slots, not their properties (``eof_received``,
+        # ``eof_sent``): each property read is a Python call, and the end of a
+        # relay made a dozen of them (~8,000 instructions per connection).
+        if dst._eof_received and src._wbuf is _SHUT and not src._closed and not dst.buffered:
             # the last direction ends and nothing is queued: close() sends
             # the FIN a shutdown() would (the receive queue is empty after
             # EOF, so no RST) -- one syscall fewer per connection
@@ -355,7 +364,8 @@ class Relay:
 
     def _maybe_done(self) -> None:
         c, b = self.client, self.backend
-        if b is not None and c.eof_received and b.eof_received and c.eof_sent and b.eof_sent:
+        if (b is not None and c._eof_received and b._eof_received
+                and c._wbuf is _SHUT and b._wbuf is _SHUT and not c._closed and not b._closed):
             self.finish(self.reason)
 
     def _lost(self, from_client: bool, exc: BaseException | None) -> None:

@@ -231,14 +231,13 @@ class SpliceableStream(Stream):
 
     __slots__ = ("_splice",)
 
-    def __init__(self, loop: Loop, sock: Any, protocol: Any = None, *, role: str = "client",
+    def __init__(self, loop: Loop, sock: Any, protocol: Any = None, role: str = "client",
                  high_water: int = DEFAULT_HIGH_WATER, nodelay: bool = True,
                  start: bool = True) -> None:
         # Stream's signature spelled out: forwarding *args/**kw builds and
         # unpacks a dict per stream (~1,500 instructions, callgrind)
         self._splice: Pipe | int | None = -1
-        Stream.__init__(self, loop, sock, protocol, role=role, high_water=high_water,
-                        nodelay=nodelay, start=start)
+        Stream.__init__(self, loop, sock, protocol, role, high_water, nodelay, start)
 
     def _big_read(self, n: int) -> None:
         """auto: two big reads in a row make a bulk direction; splice it.
