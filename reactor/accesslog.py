@@ -62,27 +62,27 @@ class AccessLog:
         self.lines_dropped = 0
         self.writes = 0
 
-    def _stamp(self) -> str:
+    def _new_stamp(self, ms: int) -> None:
         # The format logging's asctime used: "2026-12-03 20:14:07,412", made
         # once per millisecond (a busy turn closes many connections in one).
-        ms = int(time.time() * 1000)
-        if ms != self._ms:
-            self._ms = ms
-            sec = ms // 1000
-            if sec != self._second:
-                self._second = sec
-                self._prefix = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sec))
-            self._stamp_text = f"{self._prefix},{ms % 1000:03d}"
-        return self._stamp_text
+        self._ms = ms
+        sec = ms // 1000
+        if sec != self._second:
+            self._second = sec
+            self._prefix = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sec))
+        self._stamp_text = f"{self._prefix},{ms % 1000:03d}"
 
     def access(self, client: str, backend: str, bytes_in: int, bytes_out: int,
                duration: float, reason: str) -> None:
-        self.line(f"event=access client={client} backend={backend} bytes_in={bytes_in} "
-                  f"bytes_out={bytes_out} duration={duration:.3f} reason={reason}")
-
-    def line(self, text: str) -> None:
+        """One connection's line. The stamp and the queueing are inlined, the
+        line is one f-string: this runs once per proxied connection."""
+        ms = int(time.time() * 1000)
+        if ms != self._ms:
+            self._new_stamp(ms)
         lines = self._lines
-        lines.append(f"{self._stamp()} {text}\n")
+        lines.append(f"{self._stamp_text} event=access client={client} backend={backend} "
+                     f"bytes_in={bytes_in} bytes_out={bytes_out} duration={duration:.3f} "
+                     f"reason={reason}\n")
         if len(lines) >= _FLUSH_LINES:
             self.flush()
         elif not self._scheduled:

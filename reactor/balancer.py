@@ -282,7 +282,9 @@ class Balancer:
         """Switch policy; round-robin state restarts, a maglev table is built if needed."""
         self._check_policy(name)
         self.policy = name
-        self._pick = getattr(self, "_pick_" + name)
+        # ``pick`` is the policy's method itself, set on the instance: the
+        # class's ``pick`` (its documentation) would be a call more per connection
+        self._pick = self.pick = getattr(self, "_pick_" + name)
         for b in self.backends:
             b.current_weight = 0
             b.effective_weight = b.weight
@@ -362,7 +364,7 @@ class Balancer:
             if b.healthy and not b.draining and now >= b.ejected_until and b not in exclude
         ]
 
-    def _pick_random(self, client_ip: str, now: float, exclude: Collection[Backend]) -> Backend | None:
+    def _pick_random(self, client_ip: str, now: float, exclude: Collection[Backend] = ()) -> Backend | None:
         backends = self.backends
         if not backends:
             return None
@@ -377,24 +379,25 @@ class Balancer:
             return None
         return self.rng.choices(eligible, [e.weight for e in eligible])[0]
 
-    def _pick_round_robin(self, client_ip: str, now: float, exclude: Collection[Backend]) -> Backend | None:
+    def _pick_round_robin(self, client_ip: str, now: float, exclude: Collection[Backend] = ()) -> Backend | None:
         best = None
-        total = 0
+        best_cw = total = 0
         for b in self.backends:
             if not b.healthy or b.draining or now < b.ejected_until or b in exclude:
                 continue
             ew = b.effective_weight
-            b.current_weight += ew
+            b.current_weight = cw = b.current_weight + ew
             total += ew
             if ew < b.weight:
                 b.effective_weight = ew + 1
-            if best is None or b.current_weight > best.current_weight:
+            if best is None or cw > best_cw:
                 best = b
+                best_cw = cw
         if best is not None:
-            best.current_weight -= total
+            best.current_weight = best_cw - total
         return best
 
-    def _pick_least_conn(self, client_ip: str, now: float, exclude: Collection[Backend]) -> Backend | None:
+    def _pick_least_conn(self, client_ip: str, now: float, exclude: Collection[Backend] = ()) -> Backend | None:
         best = None
         many = False
         for b in self.backends:
@@ -433,7 +436,7 @@ class Balancer:
         winner.current_weight -= total
         return winner
 
-    def _pick_p2c(self, client_ip: str, now: float, exclude: Collection[Backend]) -> Backend | None:
+    def _pick_p2c(self, client_ip: str, now: float, exclude: Collection[Backend] = ()) -> Backend | None:
         backends = self.backends
         n = len(backends)
         if n == 0:
@@ -466,7 +469,7 @@ class Balancer:
             b = eligible[-1]
         return b if b.active * a.weight < a.active * b.weight else a
 
-    def _pick_maglev(self, client_ip: str, now: float, exclude: Collection[Backend]) -> Backend | None:
+    def _pick_maglev(self, client_ip: str, now: float, exclude: Collection[Backend] = ()) -> Backend | None:
         table = self._table
         if not table:
             return None

@@ -198,7 +198,9 @@ class Loop:
         runs -- or ``handler(events)`` for a plain callable."""
         self._epoll.register(fd, mask)
         self.syscalls.epoll_ctl += 1
-        self._handlers[fd] = _as_handler(handler)
+        # a stream or relay (their types are remembered): stored as is,
+        # without a call to _as_handler -- twice per proxied connection
+        self._handlers[fd] = handler if type(handler) in _HANDLER_TYPES else _as_handler(handler)
 
     def modify(self, fd: int, mask: int) -> None:
         """Change the interest mask (one epoll_ctl).
@@ -213,7 +215,7 @@ class Loop:
     def set_handler(self, fd: int, mask: int, handler: Callable[[int], None]) -> None:
         """Hand a registered fd to a new handler with a new mask: one
         epoll_ctl instead of unregister + register (a connect completing)."""
-        self._handlers[fd] = _as_handler(handler)
+        self._handlers[fd] = handler if type(handler) in _HANDLER_TYPES else _as_handler(handler)
         self.modify(fd, mask)
 
     def unregister(self, fd: int) -> None:
@@ -467,7 +469,15 @@ def _as_handler(handler: Any) -> Any:
     t = type(handler)
     if t in _PLAIN:
         return _FnHandler(handler)
-    return handler if hasattr(t, "handle_event") else _FnHandler(handler)
+    if hasattr(t, "handle_event"):
+        _HANDLER_TYPES.add(t)
+        return handler
+    return _FnHandler(handler)
+
+
+# Types whose instances are handlers themselves (they have ``handle_event``),
+# as _as_handler found them: a handful of classes, so the set stays small.
+_HANDLER_TYPES: set[type] = set()
 
 
 def _noop_signal_handler(signum: int, frame: Any) -> None:

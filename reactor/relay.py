@@ -36,12 +36,11 @@ import errno
 import logging
 import socket
 import sys
-import time
 from typing import TYPE_CHECKING, Any
 
 from reactor.loop import EPOLLOUT
 from reactor.splice import start_splice
-from reactor.stream import _SHUT, Stream
+from reactor.stream import _DETACHED, _SHUT, Stream
 
 if TYPE_CHECKING:  # pragma: no cover
     from reactor.balancer import Backend
@@ -136,15 +135,10 @@ class Relay:
 
     # -- the client stream's protocol ---------------------------------------
 
-    def data_received(self, view: memoryview) -> None:
-        # only until the backend is connected: then client.peer takes over
-        self._hold(view)
+    # (``data_received`` and ``eof_sent`` are aliases, below: a call less each)
 
     def eof_received(self) -> None:
         self._eof(True)
-
-    def eof_sent(self) -> None:
-        self._maybe_done()
 
     def pause_writing(self) -> None:
         # the client's outbound queue is full: stop reading the backend
@@ -172,13 +166,15 @@ class Relay:
         if len(self.pending) >= self.gateway.buffer_limit:
             self.client.pause_reading()
 
+    # the client stream's data, only until the backend is connected: then
+    # client.peer takes over
+    data_received = _hold
+
     # -- connecting -----------------------------------------------------------
 
-    def start(self) -> None:
-        """Pick a backend and connect (called by the gateway after accept)."""
-        self.connect_next()
-
     def connect_next(self) -> None:
+        """Pick a backend and connect: ``start`` (the gateway, after accept),
+        and again after a failed attempt while retries remain."""
         gw = self.gateway
         backend = gw.balancer.pick(self.client_ip, self.loop.now, self.tried)
         if backend is None:
@@ -211,6 +207,8 @@ class Relay:
         # bound method and no wrapper object per connection
         loop.register(sock.fileno(), EPOLLOUT, self)
         self.timer = loop.call_at(loop.now + gw.connect_timeout, self._connect_timeout)
+
+    start = connect_next
 
     def _on_connect_event(self, mask: int) -> None:
         sock = self.connect_sock
@@ -267,7 +265,7 @@ class Relay:
 
     def _connected(self, sock: socket.socket) -> None:
         backend = self.backend_info
-        backend.record_success(self.loop.now)
+        backend.fails = 0  # Backend.record_success, inlined: a call less per connection
         client = self.client
         b = self.gateway.stream_class(self.loop, sock, _BackendSide(self), "backend",
                                       self.gateway.buffer_limit, True, False)
@@ -368,6 +366,8 @@ class Relay:
                 and c._wbuf is _SHUT and b._wbuf is _SHUT and not c._closed and not b._closed):
             self.finish(self.reason)
 
+    eof_sent = _maybe_done  # the client stream's protocol: our FIN went out
+
     def _lost(self, from_client: bool, exc: BaseException | None) -> None:
         reason = "client_reset" if from_client else "backend_reset"
         self.finish(reason if not self.reason else self.reason + "," + reason, abort=True)
@@ -408,9 +408,10 @@ class Relay:
             self.backend_info.bytes_out += self.backend.bytes_in
         self.pending = None
         self.gateway.relay_finished(self)
-        self.client.detach()
+        # Stream.detach, inlined (close has dropped the peers already)
+        self.client.protocol = _DETACHED
         if self.backend is not None:
-            self.backend.detach()
+            self.backend.protocol = _DETACHED
 
     def log_access(self, access: Any) -> None:
         """This connection's access line: its fields straight from the relay,
@@ -421,7 +422,7 @@ class Relay:
         c = self.client
         access.access(f"[{ip}]:{self.client_port}" if ":" in ip else f"{ip}:{self.client_port}",
                       b.name if b is not None and (self.backend is not None or self.tried) else "-",
-                      c.bytes_in, c.bytes_out, time.monotonic() - self.started, self.reason)
+                      c.bytes_in, c.bytes_out, self.loop.now - self.started, self.reason)
 
 
 def _fmt(addr: Any) -> str:

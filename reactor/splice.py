@@ -32,9 +32,10 @@ not even an attribute test. A ``SpliceableStream`` reads with ``Stream``'s own
 hot path, whose one comparison per read (``n >= BIG_READ``) calls the
 ``_big_read`` hook -- a no-op in ``Stream`` (``splice = "off"``), the bulk
 detector here -- and nothing else; a spliced direction runs other code entirely.
-The state a spliceable stream needs lives in one slot, ``_splice``: before its
-direction switches, the ``bytes_in`` value after its last big read (or None:
-never splice, e.g. no pipe could be had); once it switches, its ``Pipe``.
+The state a spliceable stream needs lives in one slot, ``_splice``: unset until
+its first big read; before its direction switches, the ``bytes_in`` value after
+its last big read (or None: never splice, e.g. no pipe could be had); once it
+switches, its ``Pipe``.
 
 Discussion: fds
 ---------------
@@ -54,10 +55,9 @@ import logging
 import os
 import resource
 import socket
-from typing import Any
 
 from reactor.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Loop
-from reactor.stream import _SHUT, DEFAULT_HIGH_WATER, Stream, _write
+from reactor.stream import _SHUT, Stream, _write
 
 log = logging.getLogger("reactor.splice")
 
@@ -231,13 +231,9 @@ class SpliceableStream(Stream):
 
     __slots__ = ("_splice",)
 
-    def __init__(self, loop: Loop, sock: Any, protocol: Any = None, role: str = "client",
-                 high_water: int = DEFAULT_HIGH_WATER, nodelay: bool = True,
-                 start: bool = True) -> None:
-        # Stream's signature spelled out: forwarding *args/**kw builds and
-        # unpacks a dict per stream (~1,500 instructions, callgrind)
-        self._splice: Pipe | int | None = -1
-        Stream.__init__(self, loop, sock, protocol, role, high_water, nodelay, start)
+    # No __init__ of its own: ``_splice`` stays unset until the first big
+    # read (``_big_read`` reads it with a default) -- a Python frame less per
+    # stream, two per proxied connection.
 
     def _big_read(self, n: int) -> None:
         """auto: two big reads in a row make a bulk direction; splice it.
@@ -245,7 +241,7 @@ class SpliceableStream(Stream):
         The previous read was big too iff ``bytes_in`` before this read equals
         the mark left by the previous big read -- no per-read bookkeeping.
         """
-        mark = self._splice
+        mark = getattr(self, "_splice", -1)
         if mark is None:
             return
         if mark == self.bytes_in - n:

@@ -177,7 +177,7 @@ class Stream:
         self._paused_peer = False
         self._parked = False
         self._high = high_water
-        self._views = shared_views(loop)
+        self._views = getattr(loop, "_views", None) or shared_views(loop)
         self._sc = loop.syscalls
         self.bytes_in = 0
         self.bytes_out = 0
@@ -500,8 +500,9 @@ class Stream:
         self._closed = True
         self._reading = False
         # a parked fd is out of epoll already; otherwise the close below
-        # removes it, so only the handler goes (no EPOLL_CTL_DEL)
-        self.loop.forget(self._fd)
+        # removes it, so only the handler goes (no EPOLL_CTL_DEL): Loop.forget,
+        # inlined (twice per proxied connection)
+        self.loop._handlers.pop(self._fd, None)
         self._parked = False
         if abort:
             try:

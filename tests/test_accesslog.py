@@ -62,10 +62,10 @@ def test_a_write_error_drops_and_counts_lines_but_never_raises(loop):
     assert signal.getsignal(signal.SIGPIPE) == signal.SIG_IGN
     log = AccessLog(loop, True)
     log.fd = w  # stderr stands in for a pipe whose reader has gone
-    log.line("event=access client=x")
-    log.line("event=access client=y")
+    log.access("x:1", "b", 0, 0, 0.0, "client_eof")
+    log.access("y:1", "b", 0, 0, 0.0, "client_eof")
     log.flush()
-    log.line("event=access client=z")
+    log.access("z:1", "b", 0, 0, 0.0, "client_eof")
     log.flush()
     assert (log.lines_written, log.lines_dropped) == (0, 3)
     os.close(w)
