@@ -10,7 +10,6 @@ relay short of its grace.
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import resource
@@ -102,7 +101,9 @@ class Gateway:
         # are Python functions, ~3,000 instructions per proxied connection
         self.per_ip: dict[str, int] = {}
         self.listeners: list[Listener] = []
-        self.reasons: collections.Counter[str] = collections.Counter()
+        # close reason -> count; a plain dict too: a Counter subclass defines
+        # __delitem__, so every item assignment goes through a slot wrapper
+        self.reasons: dict[str, int] = {}
         self.accepted_total = 0
         self.rejected_max_connections = 0
         self.rejected_per_ip = 0
@@ -346,7 +347,7 @@ class Gateway:
         self.accepted_total += 1
         if len(self.relays) >= self.max_connections:
             self.rejected_max_connections += 1
-            self.reasons["max_connections"] += 1
+            self.reasons["max_connections"] = self.reasons.get("max_connections", 0) + 1
             os.close(fd)
             self.loop.syscalls.close += 1
             if self.access is not None:
@@ -386,7 +387,8 @@ class Gateway:
                 self.per_ip[ip] = n
             else:
                 del self.per_ip[ip]
-        self.reasons[relay.reason] += 1
+        reasons = self.reasons
+        reasons[relay.reason] = reasons.get(relay.reason, 0) + 1
         self.bytes_in += relay.client.bytes_in
         self.bytes_out += relay.client.bytes_out
         access = self.access
