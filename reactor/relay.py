@@ -267,10 +267,10 @@ class Relay:
         backend = self.backend_info
         backend.fails = 0  # Backend.record_success, inlined: a call less per connection
         client = self.client
+        # started on the connect's epoll entry, re-aimed (registered=True)
         b = self.gateway.stream_class(self.loop, sock, _BackendSide(self), "backend",
-                                      self.gateway.buffer_limit, True, False)
+                                      self.gateway.buffer_limit, True, True, True)
         b.peer = client
-        b.start(b.protocol, registered=True)  # the connect's epoll entry, re-aimed
         self.backend = b
         if backend.send_proxy:
             b.write(self.gateway.proxy_header(backend.send_proxy, self))

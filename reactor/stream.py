@@ -151,9 +151,10 @@ class Stream:
 
     def __init__(self, loop: Loop, sock: socket.socket | int, protocol: Any = None,
                  role: str = "client", high_water: int = DEFAULT_HIGH_WATER,
-                 nodelay: bool = True, start: bool = True) -> None:
+                 nodelay: bool = True, start: bool = True, registered: bool = False) -> None:
         """``sock``: a socket object, or the bare fd of a connected, non-blocking
-        socket (the gateway's accepted connections: see ``sock``).
+        socket (the gateway's accepted connections: see ``sock``). ``start``
+        and ``registered``: as ``start()`` (which this inlines).
 
         The options may be given by position: a relay does, twice per
         connection, because calling a class with keywords builds a dict of
@@ -189,8 +190,13 @@ class Stream:
                     self._sc.setsockopt += 1
                 except OSError:
                     pass
-        if start:
-            self.start(protocol)
+        if start:  # start(), inlined: a call less per stream
+            self._reading = True
+            self._mask = EPOLLIN
+            if registered:
+                loop.set_handler(self._fd, EPOLLIN, self)
+            else:
+                loop.register(self._fd, EPOLLIN, self)
 
     # -- setup -------------------------------------------------------------
 
