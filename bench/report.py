@@ -209,6 +209,8 @@ ROWS += [
     ("churn.cpu", "churn: CPU µs/conn", "n"),
     ("churn.cpu_best", "churn: CPU µs/conn, best round", "n"),
     ("churn.cpu_median", "churn: CPU µs/conn, median round", "n"),
+    ("churn.user", "churn:  user µs/conn", "n"),
+    ("churn.sys", "churn:  sys µs/conn", "n"),
     ("churn.errors", "churn: failed cycles", "n"),
     ("churn.bound", "churn: bound (proxy/load cores)", "s"),
     ("idle.conns", "idle: connections", "n"),
