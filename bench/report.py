@@ -146,6 +146,11 @@ def summarize(data: dict) -> dict[str, dict]:
             out[f"{primary}.spread"] = [min(vals), statistics.median(vals), max(vals)]
         out[f"{prefix}.samples"] = len(pairs)
         out[f"{prefix}.round"] = rec.get("round", 0)
+        # every round's figures, for ratios between peers round by round (paired_ratio)
+        out[f"{prefix}.by_round"] = {
+            str(r.get("round", 0)): {k: v for k, v in mm.items() if isinstance(v, (int, float))}
+            for r, mm in pairs
+        }
         if f"{prefix}.cpu" in m and len(pairs) > 1:
             # the CPU cost over every round too: another tenant's load (or the
             # host's) only ever adds cost, so the best round is the estimate
@@ -292,6 +297,25 @@ HEADLINE: list[tuple[str, str]] = [
 ]
 
 
+# Headline figures that are also given as the median of per-round ratios.
+PAIRED = ("pp50.cpu", "pp500.cpu", "pp1.p99", "bulk.cpu", "churn.cpu")
+
+
+def paired_ratio(peer: dict, ref: dict, key: str) -> float | None:
+    """The median over rounds of ``peer``'s figure ÷ ``ref``'s in the same round.
+
+    Rounds interleave in time and, within a round, the peers of one workload run back
+    to back, seconds apart: whatever the shared machine was doing then weighed on both
+    figures of a round's ratio. The host's load drifts over minutes (the same proxy's
+    CPU per message moved by a third between runs); the ratio within a round moves far
+    less, and the median of the rounds' ratios is the comparison least swayed by it.
+    """
+    prefix = key.split(".")[0]
+    a, b = peer.get(f"{prefix}.by_round") or {}, ref.get(f"{prefix}.by_round") or {}
+    ratios = [a[r][key] / b[r][key] for r in a if r in b and a[r].get(key) and b[r].get(key)]
+    return statistics.median(ratios) if ratios else None
+
+
 def headline(data: dict) -> str | None:
     summary = data["summary"]
     rx, hp = summary.get("reactor"), summary.get("haproxy")
@@ -301,7 +325,9 @@ def headline(data: dict) -> str | None:
     rows = []
     for key, label in HEADLINE:
         v, h = rx.get(key), hp.get(key)
-        rows.append([label, fmt(v), fmt(h), "—" if v is None or not h else f"{v / h:.2f}"])
+        pr = paired_ratio(rx, hp, key) if key in PAIRED else None
+        rows.append([label, fmt(v), fmt(h), "—" if v is None or not h else f"{v / h:.2f}",
+                     "—" if pr is None else f"{pr:.2f}"])
     w2 = summary.get("reactor-w2", {}).get("pp500.msgs")
     w1 = rx.get("pp500.msgs")
     rows.append(
@@ -310,11 +336,13 @@ def headline(data: dict) -> str | None:
             "—" if not (w1 and w2) else f"{w2 / w1:.2f}",
             "",
             "",
+            "",
         ]
     )
     return tabulate(
         rows,
-        headers=["reactor headline", "reactor", "haproxy", "reactor ÷ haproxy"],
+        headers=["reactor headline", "reactor", "haproxy", "reactor ÷ haproxy",
+                 "median of per-round ÷"],
         tablefmt="github",
         disable_numparse=True,
     )
@@ -335,6 +363,8 @@ def notes(data: dict) -> list[str]:
         "CPU = the proxy's own user+sys time in the window (/proc/PID/stat); its user/sys "
         "split is pooled over the rounds (the kernel splits by scheduler ticks: one window's "
         "split is a small sample).",
+        "median of per-round ÷ (headline): each round's reactor figure over haproxy's in the "
+        "same round (the two ran seconds apart), the median over the rounds.",
         "bound: the side whose CPU was saturated (>= 85 %): proxy, loadgen (echo + load "
         "generator share a CPU), both, neither (latency-bound), or contended (a CPU was full of "
         "other processes' work: the machine is shared); figures are proxy/load cores, and "

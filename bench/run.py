@@ -53,7 +53,7 @@ def settings_for(quick: bool, fd_limit: int) -> Settings:
             duration=0.5, warmup=0.15, rounds=1, idle_conns=min(2000, idle_cap), strace_count=2000
         )
     return Settings(
-        duration=1.2, warmup=0.3, rounds=3, idle_conns=min(10000, idle_cap), strace_count=5000
+        duration=1.2, warmup=0.3, rounds=5, idle_conns=min(10000, idle_cap), strace_count=5000
     )
 
 

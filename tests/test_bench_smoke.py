@@ -255,3 +255,22 @@ def test_best_and_median_round_of_cpu_cost():
     assert out["pp50.cpu"] == pytest.approx(20.0)
     assert out["pp50.cpu_best"] == pytest.approx(12.0)
     assert out["pp50.cpu_median"] == pytest.approx(15.0)
+
+
+def test_paired_ratio_is_the_median_of_same_round_ratios():
+    from bench.report import paired_ratio, summarize
+
+    # a proxy at 10 then 20 then 30 us/msg as the machine got busier, its peer at
+    # 8, 18, 40 in the same rounds: ratios 1.25, 1.11, 0.75 -> median 1.11
+    a = [_pp_run(r, 0.0, 0.0, c) for r, c in enumerate((10.0, 20.0, 30.0))]
+    b = [_pp_run(r, 0.0, 0.0, c) for r, c in enumerate((8.0, 18.0, 40.0))]
+    for rec in a:
+        rec["peer"] = "a"
+    for rec in b:
+        rec["peer"] = "b"
+    s = summarize({"peers": ["a", "b"], "runs": a + b})
+    assert paired_ratio(s["a"], s["b"], "pp50.cpu") == pytest.approx(20.0 / 18.0)
+    # a round only one of them ran does not count
+    s["b"]["pp50.by_round"].pop("2")
+    assert paired_ratio(s["a"], s["b"], "pp50.cpu") == pytest.approx((1.25 + 20.0 / 18.0) / 2)
+    assert paired_ratio(s["a"], {}, "pp50.cpu") is None
