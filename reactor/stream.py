@@ -289,7 +289,7 @@ class Stream:
             # The hot path, inlined: one read, then straight to the
             # receiver -- for a relay, the peer's ``write``, itself inlined
             # while the peer has nothing queued (a Python call less per
-            # message, ~700 instructions of the ~6,600 it costs now).
+            # message, ~700 instructions of the ~6,400 it costs now).
             views = self._views
             sock = self._sock
             try:
