@@ -396,10 +396,12 @@ class Loop:
                     for fd, mask in events:
                         try:
                             handlers[fd].handle_event(mask)
-                        except KeyError:
-                            # unregistered by an earlier event of this batch
-                            # -- unless the KeyError came from the handler
-                            if fd in handlers:
+                        except KeyError as exc:
+                            # unregistered by an earlier event of this batch -- unless
+                            # the KeyError came from inside the handler (its traceback
+                            # goes deeper than this frame): "fd in handlers" cannot
+                            # tell, a handler may have closed its own fd before raising
+                            if exc.__traceback__.tb_next is not None:
                                 log.exception("event=handler_error fd=%d", fd)
                         except Exception:
                             log.exception("event=handler_error fd=%d", fd)

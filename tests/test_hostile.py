@@ -22,6 +22,7 @@ from tests.backends import ThreadServer
 from tests.faults import (
     Baseline,
     RttProbe,
+    access_records,
     admin_get,
     admin_stats,
     echo_backend,
@@ -222,6 +223,7 @@ def test_one_byte_writes_arrive_whole_and_in_order(spawn, backend):
 def test_connect_close_churn(spawn, backend):
     g = start_gateway(spawn, spec(backend))
     base = Baseline(g)
+    accepted_before = admin_stats(g)["connections"]["accepted_total"]
     per_thread, threads = 600, 2
     errors: list[str] = []
 
@@ -250,10 +252,22 @@ def test_connect_close_churn(spawn, backend):
     probe.assert_ok(RTT_BOUND)
     assert not errors, errors[:5]
     n = per_thread * threads
-    records = wait_access(g, n + 1)
-    assert len(records) == n + 1, "one access line per connection, no more, no less"
-    base.wait_back()
-    print(f"\n{n} connect/close in {took:.1f}s ({n / took:.0f}/s); probe {probe.summary()}")
+    clean = n // 2 + 1  # the FIN-closed half, and the probe
+    wait_access(g, clean)
+    base.wait_back()  # every relay has ended
+    accepted = admin_stats(g)["connections"]["accepted_total"] - accepted_before
+    wait_access(g, accepted)
+    records = access_records(g)
+    reasons = collections.Counter(r[5] for r in records)
+    assert len(records) == accepted, "one access line per accepted connection, no more, no less"
+    assert reasons["client_eof"] == clean, reasons
+    # A client that resets right after connect() returned can die in the kernel before
+    # accept(): if its handshake's last ACK found the accept queue busy, the RST then
+    # kills the half-open request, and no process ever sees it (seen here under CPU
+    # load: 1 of 600). The kernel counts those, we cannot; all others are logged.
+    assert n // 2 - n // 100 <= reasons["client_reset"] <= n // 2, reasons
+    print(f"\n{n} connect/close in {took:.1f}s ({n / took:.0f}/s), {n + 1 - accepted} never "
+          f"accepted; probe {probe.summary()}")
 
 
 # -- slowloris --------------------------------------------------------------------------------

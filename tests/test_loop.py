@@ -234,3 +234,37 @@ def test_relayed_pairs_count_as_one_recv_and_one_send(loop):
         s.close()
     for s in (c_out, b_out):
         s.close()
+
+
+def test_a_handler_keyerror_is_logged_even_after_it_dropped_its_fd(loop, caplog):
+    # Two readable fds in one wait. The first handler unregisters the second fd
+    # (its event is then skipped, silently: the fd is gone) and later raises a
+    # KeyError of its own after dropping its own fd -- which must be logged, not
+    # mistaken for the loop's lookup of an fd that is no longer registered.
+    a, a_peer = socket.socketpair()
+    b, b_peer = socket.socketpair()
+    results = []
+
+    def on_a(mask):
+        results.append("a")
+        loop.unregister(b.fileno())
+        loop.unregister(a.fileno())
+        loop.stop()
+        {}["missing"]
+
+    def on_b(mask):
+        results.append("b")
+
+    loop.register(a.fileno(), EPOLLIN, on_a)
+    loop.register(b.fileno(), EPOLLIN, on_b)
+    a_peer.send(b"x")
+    b_peer.send(b"x")
+    time.sleep(0.01)  # both readable before the wait
+    with caplog.at_level("ERROR", logger="reactor.loop"):
+        loop.run()
+    # epoll reports them in registration order here; either way b never runs after a
+    assert results in (["a"], ["b", "a"])
+    errors = [r for r in caplog.records if "handler_error" in r.getMessage()]
+    assert len(errors) == 1 and "KeyError: 'missing'" in caplog.text
+    for s in (a, a_peer, b, b_peer):
+        s.close()
