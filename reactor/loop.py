@@ -155,9 +155,6 @@ class Handle:
         return f"<Handle {state} when={self.when:.3f}>"
 
 
-_new_handle = object.__new__
-
-
 class Loop:
     """A single-threaded epoll reactor."""
 
@@ -257,12 +254,7 @@ class Loop:
         return self.call_at(self.now + delay, callback, *args)
 
     def call_at(self, when: float, callback: Callable[..., Any], *args: Any) -> Handle:
-        # Handle.__init__, inlined: a relay arms a connect timer per connection
-        h = _new_handle(Handle)
-        h.callback = callback
-        h.args = args
-        h.when = when
-        h.cancelled = False
+        h = Handle(callback, args, when)
         self._seq += 1
         heapq.heappush(self._timers, (when, self._seq, h))
         return h
@@ -271,10 +263,7 @@ class Loop:
         """Cancel a timer and let the heap shed dead entries when they pile up."""
         if handle.cancelled:
             return
-        # Handle.cancel, inlined (once per proxied connection: its connect timer)
-        handle.cancelled = True
-        handle.callback = None
-        handle.args = ()
+        handle.cancel()
         self._cancelled_timers += 1
         # Discussion: idle relays cancel and re-arm timers constantly. Dead
         # entries cost heap depth until their deadline; when they are the

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from reactor.loop import EPOLLOUT
 from reactor.splice import start_splice
-from reactor.stream import _DETACHED, _SHUT, Stream
+from reactor.stream import _SHUT, Stream
 
 if TYPE_CHECKING:  # pragma: no cover
     from reactor.balancer import Backend
@@ -265,7 +265,7 @@ class Relay:
 
     def _connected(self, sock: socket.socket) -> None:
         backend = self.backend_info
-        backend.fails = 0  # Backend.record_success, inlined: a call less per connection
+        backend.record_success(self.loop.now)
         client = self.client
         # started on the connect's epoll entry, re-aimed (registered=True)
         b = self.gateway.stream_class(self.loop, sock, _BackendSide(self), "backend",
@@ -408,10 +408,9 @@ class Relay:
             self.backend_info.bytes_out += self.backend.bytes_in
         self.pending = None
         self.gateway.relay_finished(self)
-        # Stream.detach, inlined (close has dropped the peers already)
-        self.client.protocol = _DETACHED
+        self.client.detach()
         if self.backend is not None:
-            self.backend.protocol = _DETACHED
+            self.backend.detach()
 
     def log_access(self, access: Any) -> None:
         """This connection's access line: its fields straight from the relay,

@@ -506,9 +506,8 @@ class Stream:
         self._closed = True
         self._reading = False
         # a parked fd is out of epoll already; otherwise the close below
-        # removes it, so only the handler goes (no EPOLL_CTL_DEL): Loop.forget,
-        # inlined (twice per proxied connection)
-        self.loop._handlers.pop(self._fd, None)
+        # removes it, so only the handler goes (no EPOLL_CTL_DEL)
+        self.loop.forget(self._fd)
         self._parked = False
         if abort:
             try:
