@@ -128,6 +128,7 @@ class Loadgen:
         size: int | None = None,
         warmup: float = 0.5,
         timeout: float = 120.0,
+        rate: float | None = None,
     ) -> None:
         self.argv = [
             str(exe),
@@ -151,6 +152,8 @@ class Loadgen:
             self.argv += ["--duration", str(duration)]
         if size is not None:
             self.argv += ["--size", str(size)]
+        if rate:
+            self.argv += ["--rate", str(rate)]
         self.cpus = cpus
         self.timeout = timeout
         self.proc: subprocess.Popen | None = None

@@ -66,6 +66,10 @@ static double duration = 3.0, warmup = 0.5, timeout_s = 120.0;
 static long long count_target = -1; /* fixed-count measured window when >= 0 */
 static size_t msg_size = 0;
 static int gate = 0;
+static double rate = 0;        /* --rate: round trips per second over all conns (pingpong); 0 = closed loop */
+static uint64_t pace_t0;       /* when pacing started */
+static long long pace_issued;  /* messages issued since then */
+static int pace_waiting;       /* a connection is ready but waiting for its turn */
 
 static struct conn *conns;
 static char *sbuf, *rbuf;
@@ -194,6 +198,15 @@ static void pp_send(struct conn *c, uint64_t now) {
 
 static int pp_may_issue(uint64_t now) {
     if (!issuing) return 0;
+    if (rate > 0) {
+        /* open-loop pacing: at most rate * elapsed messages issued (bursts of at most 1 ms,
+         * the epoll timeout's resolution); a connection refused here waits in C_READY */
+        if ((double)pace_issued >= rate * (double)(now - pace_t0) / 1e9) { pace_waiting = 1; return 0; }
+        if (phase == P_MEASURE && count_target < 0 && now >= t_start + (uint64_t)(duration * 1e9)) return 0;
+        if (phase == P_MEASURE && count_target >= 0 && issued >= count_target) return 0;
+        pace_issued++;
+        return 1;
+    }
     if (phase == P_MEASURE) {
         if (count_target >= 0) return issued < count_target;
         return now < t_start + (uint64_t)(duration * 1e9);
@@ -383,6 +396,8 @@ static void wait_gate(void) {
 static void start_work(void) {
     uint64_t now = now_ns();
     issuing = 1;
+    pace_t0 = now;
+    pace_issued = 0;
     for (int i = 0; i < nconns; i++) {
         struct conn *c = &conns[i];
         if (mode == PINGPONG && c->st == C_READY && pp_may_issue(now)) pp_send(c, now);
@@ -453,7 +468,8 @@ static void persistent_connect_event(struct conn *c, uint32_t evs) {
 
 static void usage(void) {
     fprintf(stderr, "usage: loadgen --mode pingpong|bulk|churn|idle --host H --port P [--conns C]\n"
-                    "               [--duration S | --count N] [--size B] [--warmup S] [--gate] [--timeout S]\n");
+                    "               [--duration S | --count N] [--size B] [--warmup S] [--gate] [--timeout S]\n"
+                    "               [--rate R]  (pingpong: at most R round trips/s over all conns)\n");
     exit(2);
 }
 
@@ -480,9 +496,10 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--size")) msg_size = (size_t)atoll(v);
         else if (!strcmp(a, "--warmup")) warmup = atof(v);
         else if (!strcmp(a, "--timeout")) timeout_s = atof(v);
+        else if (!strcmp(a, "--rate")) rate = atof(v);
         else usage();
     }
-    if (port <= 0 || nconns <= 0) usage();
+    if (port <= 0 || nconns <= 0 || rate < 0) usage();
     if (msg_size == 0) msg_size = mode == BULK ? 65536 : 64;
     if (mode == CHURN || mode == IDLE) msg_size = 1;
     memset(&target, 0, sizeof target);
@@ -564,7 +581,13 @@ int main(int argc, char **argv) {
             return 1;
         }
 
-        int timeout_ms = 100;
+        if (rate > 0 && mode == PINGPONG && issuing && pace_waiting) {
+            uint64_t t = now_ns();
+            pace_waiting = 0;
+            for (int i = 0; i < nconns; i++)
+                if (conns[i].st == C_READY && pp_may_issue(t)) pp_send(&conns[i], t);
+        }
+        int timeout_ms = pace_waiting ? 1 : 100;
         if (phase == P_MEASURE && count_target < 0 && mode != IDLE) {
             uint64_t end = t_start + (uint64_t)(duration * 1e9);
             int64_t left = (int64_t)(end - now) / 1000000 + 1;

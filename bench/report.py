@@ -75,6 +75,15 @@ def metrics_of(rec: dict) -> dict:
     w = rec["workload"]
     if w.startswith("pingpong-"):
         return _pp_metrics(rec, "pp" + w.split("-")[1])
+    if w.startswith("paced-"):
+        key = "paced" + w.split("-")[1]
+        out = _pp_metrics(rec, key)
+        # a peer that could not keep up ran saturated: its figures are not "the same
+        # work in the same time" as the others'
+        want = rec["params"].get("rate") or 0
+        held = rec["result"]["rate"] >= 0.97 * want
+        out[f"{key}.held"] = "yes" if held else f"no: {fmt(rec['result']['rate'])}/s"
+        return out
     if w == "bulk":
         res, win = rec["result"], rec["window"]
         out = {"bulk.mbs": res["bytes_recv"] / res["duration_s"] / 1e6, "bulk.bound": _bound(win)}
@@ -118,7 +127,7 @@ def metrics_of(rec: dict) -> dict:
 
 
 # the figure whose spread over samples is kept alongside the chosen one
-PRIMARY = {"pingpong": "msgs", "bulk": "mbs", "churn": "cps"}
+PRIMARY = {"pingpong": "msgs", "paced": "msgs", "bulk": "mbs", "churn": "cps"}
 
 
 def summarize(data: dict) -> dict[str, dict]:
@@ -204,6 +213,16 @@ for _c in (1, 50, 500):
         (f"pp{_c}.self", f"pingpong {_c}: own-counted syscalls/msg", "n"),
     ]
 ROWS += [
+    ("paced50.msgs", "paced 50: msg/s (offered: the same for all)", "n"),
+    ("paced50.held", "paced 50: held the offered rate", "s"),
+    ("paced50.p50", "paced 50: p50 µs", "n"),
+    ("paced50.p99", "paced 50: p99 µs", "n"),
+    ("paced50.cpu", "paced 50: CPU µs/msg", "n"),
+    ("paced50.cpu_best", "paced 50: CPU µs/msg, best round", "n"),
+    ("paced50.cpu_median", "paced 50: CPU µs/msg, median round", "n"),
+    ("paced50.user", "paced 50:  user µs/msg", "n"),
+    ("paced50.sys", "paced 50:  sys µs/msg", "n"),
+    ("paced50.bound", "paced 50: bound (proxy/load cores)", "s"),
     ("bulk.mbs", "bulk: MB/s", "n"),
     ("bulk.cpu", "bulk: CPU s/GB", "n"),
     ("bulk.cpu_best", "bulk: CPU s/GB, best round", "n"),
@@ -290,6 +309,9 @@ HEADLINE: list[tuple[str, str]] = [
     ("pp500.cpu", "CPU µs/msg, pingpong 500"),
     ("pp500.cpu_best", "CPU µs/msg, pingpong 500, best round"),
     ("pp1.p99", "p99 latency µs, pingpong 1"),
+    ("paced50.cpu", "CPU µs/msg, pingpong 50 paced (same offered rate)"),
+    ("paced50.user", "user CPU µs/msg, pingpong 50 paced"),
+    ("paced50.sys", "system CPU µs/msg, pingpong 50 paced"),
     ("bulk.cpu", "CPU s/GB, bulk"),
     ("churn.cpu", "CPU µs/connection, churn"),
     ("churn.cpu_best", "CPU µs/connection, churn, best round"),
@@ -298,7 +320,10 @@ HEADLINE: list[tuple[str, str]] = [
 
 
 # Headline figures that are also given as the median of per-round ratios.
-PAIRED = ("pp50.cpu", "pp500.cpu", "pp1.p99", "bulk.cpu", "churn.cpu")
+PAIRED = (
+    "pp50.cpu", "pp500.cpu", "pp1.p99", "paced50.cpu", "paced50.user", "paced50.sys", "bulk.cpu",
+    "churn.cpu",
+)
 
 
 def paired_ratio(peer: dict, ref: dict, key: str) -> float | None:
@@ -363,6 +388,10 @@ def notes(data: dict) -> list[str]:
         "CPU = the proxy's own user+sys time in the window (/proc/PID/stat); its user/sys "
         "split is pooled over the rounds (the kernel splits by scheduler ticks: one window's "
         "split is a small sample).",
+        f"paced 50: pingpong over 50 conns held at {s.get('paced_rate', 0):.0f} msg/s, below "
+        "every peer's saturation, so all do the same work in the same time: what a message "
+        "costs each proxy when none of them is the bottleneck (the closed-loop pingpongs "
+        "measure each at its own saturation, where a slower proxy also pays more wakeups).",
         "median of per-round ÷ (headline): each round's reactor figure over haproxy's in the "
         "same round (the two ran seconds apart), the median over the rounds.",
         "bound: the side whose CPU was saturated (>= 85 %): proxy, loadgen (echo + load "

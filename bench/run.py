@@ -27,7 +27,9 @@ from bench import strace as strace_mod
 from bench.driver import LineReader, Loadgen, RunError, free_port, pin, stop, wait_port
 from bench.peers import REPO_DIR, Context, Peer, all_peers, python_version
 
-WORKLOADS = ["pingpong-1", "pingpong-50", "pingpong-500", "bulk", "churn", "idle", "syscalls"]
+WORKLOADS = [
+    "pingpong-1", "pingpong-50", "pingpong-500", "paced-50", "bulk", "churn", "idle", "syscalls",
+]
 SATURATED = 0.85  # a side using this share of its CPUs (or more) is the bottleneck
 
 
@@ -43,6 +45,9 @@ class Settings:
     bulk_size: int = 65536
     churn_workers: int = 50
     strace_conns: int = 50
+    # paced-50: pingpong over 50 conns held at this many round trips/s, below every
+    # peer's saturation, so all of them do the same work in the same time
+    paced_rate: float = 20000.0
 
 
 def settings_for(quick: bool, fd_limit: int) -> Settings:
@@ -323,8 +328,12 @@ class Harness:
 
     def run_window(self, rec, peer, workload, proxy, port, admin) -> None:
         s = self.settings
+        rate = None
         if workload.startswith("pingpong-"):
             mode, conns, size = "pingpong", int(workload.split("-")[1]), s.size
+        elif workload.startswith("paced-"):
+            mode, conns, size = "pingpong", int(workload.split("-")[1]), s.size
+            rate = s.paced_rate
         elif workload == "bulk":
             mode, conns, size = "bulk", s.bulk_conns, s.bulk_size
         else:
@@ -336,6 +345,8 @@ class Harness:
             "duration": s.duration,
             "warmup": s.warmup,
         }
+        if rate:
+            rec["params"]["rate"] = rate
         with self.loadgen(
             mode,
             port,
@@ -344,6 +355,7 @@ class Harness:
             size=size,
             warmup=s.warmup,
             timeout=s.warmup + s.duration + 60,
+            rate=rate,
         ) as lg:
             rec["ready"] = lg.event("ready")
             a = self.sample(proxy, lg, admin)

@@ -274,3 +274,38 @@ def test_paired_ratio_is_the_median_of_same_round_ratios():
     s["b"]["pp50.by_round"].pop("2")
     assert paired_ratio(s["a"], s["b"], "pp50.cpu") == pytest.approx((1.25 + 20.0 / 18.0) / 2)
     assert paired_ratio(s["a"], {}, "pp50.cpu") is None
+
+
+def test_rate_paces_pingpong_to_the_offered_rate(tools, spawn):
+    # direct to an echo server, which could do tens of thousands of round trips a
+    # second: held to 2,000/s over 10 conns for 1 s it completes about 2,000
+    (port, _, _) = echo_backends(tools, spawn)
+    ready, result = loadgen(
+        tools, "--mode", "pingpong", "--port", str(port), "--conns", "10",
+        "--duration", "1.0", "--warmup", "0.1", "--rate", "2000",
+    )
+    assert ready["connected"] == 10 and result["errors"] == 0
+    assert 1800 <= result["count"] <= 2100, result
+    assert result["bytes_recv"] == result["count"] * 64
+
+
+def test_rate_must_not_be_negative(tools):
+    r = subprocess.run([str(tools["loadgen"]), "--mode", "pingpong", "--port", "1", "--rate", "-5"],
+                       capture_output=True, text=True, timeout=10)
+    assert r.returncode == 2 and "--rate" in r.stderr
+
+
+def test_paced_figures_say_whether_the_peer_held_the_rate():
+    from bench.report import metrics_of
+
+    rec = _pp_run(0, 0.0, 0.5, 1.5)
+    rec["workload"] = "paced-50"
+    rec["params"] = {"rate": 20000.0}
+    rec["result"]["count"] = 24000
+    rec["result"]["rate"] = 19990.0
+    m = metrics_of(rec)
+    assert m["paced50.held"] == "yes"
+    assert m["paced50.cpu"] == pytest.approx(2.0 / 24000 * 1e6)
+    assert m["paced50.user"] == pytest.approx(0.5 / 24000 * 1e6)
+    rec["result"]["rate"] = 15000.0  # saturated: its cost is not at the offered rate
+    assert metrics_of(rec)["paced50.held"] == "no: 15.0k/s"
