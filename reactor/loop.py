@@ -178,7 +178,6 @@ class Loop:
         self.now = time.monotonic()
         self.syscalls = SyscallCounts()
         # statistics
-        self.iterations = 0
         self.events_total = 0
         self.events_max = 0
         self.lag_last = 0.0
@@ -335,6 +334,12 @@ class Loop:
 
     # -- running ------------------------------------------------------------
 
+    @property
+    def iterations(self) -> int:
+        """Loop turns: one ``epoll_wait`` each, so that counter is the count
+        (a second one would be another int allocated per turn)."""
+        return self.syscalls.epoll_wait
+
     def stop(self) -> None:
         """Make ``run()`` return after the current turn."""
         self._stopping = True
@@ -373,9 +378,8 @@ class Loop:
                     events = poll(timeout)
                 except InterruptedError:  # pragma: no cover - PEP 475 retries for us
                     events = []
-                syscalls.epoll_wait += 1
+                syscalls.epoll_wait += 1  # also the loop's turn count: see ``iterations``
                 self.now = now = monotonic()
-                self.iterations += 1
                 n = len(events)
                 if n:
                     self.events_total += n
@@ -406,15 +410,19 @@ class Loop:
                     if lag > self.lag_max:
                         self.lag_max = lag
                     ready.append(h)
-                # 4. run what is ready now; later additions wait a turn
-                for _ in range(len(ready)):
-                    h = ready.popleft()
-                    if h.cancelled:
-                        continue
-                    try:
-                        h.callback(*h.args)
-                    except Exception:
-                        log.exception("event=callback_error callback=%r", h.callback)
+                # 4. run what is ready now; later additions wait a turn (the
+                # test first: most turns have nothing ready, and a range and its
+                # iterator per turn, with the turn counter ``iterations`` now
+                # reads, were ~1,200 instructions of a turn's ~5,000, callgrind)
+                if ready:
+                    for _ in range(len(ready)):
+                        h = ready.popleft()
+                        if h.cancelled:
+                            continue
+                        try:
+                            h.callback(*h.args)
+                        except Exception:
+                            log.exception("event=callback_error callback=%r", h.callback)
         finally:
             self._running = False
             self._thread_id = None
