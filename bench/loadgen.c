@@ -66,7 +66,7 @@ static double duration = 3.0, warmup = 0.5, timeout_s = 120.0;
 static long long count_target = -1; /* fixed-count measured window when >= 0 */
 static size_t msg_size = 0;
 static int gate = 0;
-static double rate = 0;        /* --rate: round trips per second over all conns (pingpong); 0 = closed loop */
+static double rate = 0;        /* --rate: round trips (pingpong) or cycles (churn) per second; 0 = closed loop */
 static uint64_t pace_t0;       /* when pacing started */
 static long long pace_issued;  /* messages issued since then */
 static int pace_waiting;       /* a connection is ready but waiting for its turn */
@@ -196,22 +196,26 @@ static void pp_send(struct conn *c, uint64_t now) {
     if (c->sent < msg_size) set_interest(c, 1);
 }
 
+/* --rate: open-loop pacing, at most rate * elapsed messages (pingpong) or cycles (churn)
+ * issued since work started, in bursts of at most 1 ms (the epoll timeout's resolution);
+ * work refused here waits, and the main loop retries it. */
+static int pace_ok(uint64_t now) {
+    if (rate <= 0) return 1;
+    if ((double)pace_issued >= rate * (double)(now - pace_t0) / 1e9) { pace_waiting = 1; return 0; }
+    pace_issued++;
+    return 1;
+}
+
 static int pp_may_issue(uint64_t now) {
     if (!issuing) return 0;
-    if (rate > 0) {
-        /* open-loop pacing: at most rate * elapsed messages issued (bursts of at most 1 ms,
-         * the epoll timeout's resolution); a connection refused here waits in C_READY */
-        if ((double)pace_issued >= rate * (double)(now - pace_t0) / 1e9) { pace_waiting = 1; return 0; }
-        if (phase == P_MEASURE && count_target < 0 && now >= t_start + (uint64_t)(duration * 1e9)) return 0;
-        if (phase == P_MEASURE && count_target >= 0 && issued >= count_target) return 0;
-        pace_issued++;
-        return 1;
-    }
     if (phase == P_MEASURE) {
-        if (count_target >= 0) return issued < count_target;
-        return now < t_start + (uint64_t)(duration * 1e9);
+        if (count_target >= 0) {
+            if (issued >= count_target) return 0;
+        } else if (now >= t_start + (uint64_t)(duration * 1e9)) {
+            return 0;
+        }
     }
-    return 1;
+    return pace_ok(now);
 }
 
 static void pp_event(struct conn *c, uint32_t evs) {
@@ -301,8 +305,8 @@ static void cycle_fail(struct conn *c) {
 
 static int churn_may_issue(void) {
     if (!issuing) return 0;
-    if (phase == P_MEASURE && count_target >= 0) return issued < count_target;
-    return 1;
+    if (phase == P_MEASURE && count_target >= 0 && issued >= count_target) return 0;
+    return rate > 0 ? pace_ok(now_ns()) : 1;
 }
 
 static void cycle_event(struct conn *c, uint32_t evs) {
@@ -469,7 +473,7 @@ static void persistent_connect_event(struct conn *c, uint32_t evs) {
 static void usage(void) {
     fprintf(stderr, "usage: loadgen --mode pingpong|bulk|churn|idle --host H --port P [--conns C]\n"
                     "               [--duration S | --count N] [--size B] [--warmup S] [--gate] [--timeout S]\n"
-                    "               [--rate R]  (pingpong: at most R round trips/s over all conns)\n");
+                    "               [--rate R]  (pingpong, churn: at most R round trips or cycles/s, all conns)\n");
     exit(2);
 }
 
@@ -606,7 +610,9 @@ int main(int argc, char **argv) {
         }
         if (phase == P_CONNECT) connect_more();
         if (phase == P_CONNECT && mode == IDLE) idle_reap(now_ns());
-        /* churn workers whose cycle failed restart here, not recursively */
+        /* churn workers whose cycle failed (or that waited for their turn, --rate)
+         * restart here, not recursively */
+        if (mode == CHURN && issuing) pace_waiting = 0;
         if (mode == CHURN && issuing)
             for (int i = 0; i < nconns; i++)
                 if (conns[i].st == C_NONE && conns[i].fd < 0 && churn_may_issue()) cycle_start(&conns[i]);

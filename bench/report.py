@@ -41,6 +41,30 @@ def _pp_metrics(rec: dict, key: str) -> dict:
     return out
 
 
+def _churn_metrics(rec: dict, key: str) -> dict:
+    res, win = rec["result"], rec["window"]
+    n = res["count"]
+    out = {
+        f"{key}.cps": res["rate"],
+        f"{key}.p99": res["lat_us"]["p99"] / 1e3,
+        f"{key}.errors": res["errors"],
+        f"{key}.bound": _bound(win),
+    }
+    if win["proxy_cpu"] and n:
+        out[f"{key}.cpu"] = (win["proxy_cpu"]["user"] + win["proxy_cpu"]["sys"]) / n * 1e6
+        out[f"{key}.user"] = win["proxy_cpu"]["user"] / n * 1e6
+        out[f"{key}.sys"] = win["proxy_cpu"]["sys"] / n * 1e6
+    return out
+
+
+def _held(rec: dict) -> str:
+    """A paced run: did the peer keep up with the offered rate? One that could not ran
+    saturated, and its figures are not "the same work in the same time" as the others'."""
+    want = rec["params"].get("rate") or 0
+    got = rec["result"]["rate"]
+    return "yes" if got >= 0.97 * want else f"no: {fmt(got)}/s"
+
+
 def _bound(win: dict) -> str:
     px = win.get("proxy_cores")
     cores = f"{px:.2f}/{win['load_cores']:.2f}" if px is not None else f"-/{win['load_cores']:.2f}"
@@ -75,14 +99,10 @@ def metrics_of(rec: dict) -> dict:
     w = rec["workload"]
     if w.startswith("pingpong-"):
         return _pp_metrics(rec, "pp" + w.split("-")[1])
-    if w.startswith("paced-"):
+    if w.startswith("paced-") and w != "paced-churn":
         key = "paced" + w.split("-")[1]
         out = _pp_metrics(rec, key)
-        # a peer that could not keep up ran saturated: its figures are not "the same
-        # work in the same time" as the others'
-        want = rec["params"].get("rate") or 0
-        held = rec["result"]["rate"] >= 0.97 * want
-        out[f"{key}.held"] = "yes" if held else f"no: {fmt(rec['result']['rate'])}/s"
+        out[f"{key}.held"] = _held(rec)
         return out
     if w == "bulk":
         res, win = rec["result"], rec["window"]
@@ -92,16 +112,10 @@ def metrics_of(rec: dict) -> dict:
             out["bulk.cpu"] = cpu / (res["bytes_recv"] / 1e9)
         return out
     if w == "churn":
-        res, win = rec["result"], rec["window"]
-        n = res["count"]
-        out = {
-            "churn.cps": res["rate"],
-            "churn.p99": res["lat_us"]["p99"] / 1e3,
-            "churn.errors": res["errors"],
-            "churn.bound": _bound(win),
-        }
-        if win["proxy_cpu"] and n:
-            out["churn.cpu"] = (win["proxy_cpu"]["user"] + win["proxy_cpu"]["sys"]) / n * 1e6
+        return _churn_metrics(rec, "churn")
+    if w == "paced-churn":
+        out = _churn_metrics(rec, "pchurn")
+        out["pchurn.held"] = _held(rec)
         return out
     if w == "idle":
         idle = rec["idle"]
@@ -128,6 +142,7 @@ def metrics_of(rec: dict) -> dict:
 
 # the figure whose spread over samples is kept alongside the chosen one
 PRIMARY = {"pingpong": "msgs", "paced": "msgs", "bulk": "mbs", "churn": "cps"}
+PRIMARY_OF = {"paced-churn": "cps"}
 
 
 def summarize(data: dict) -> dict[str, dict]:
@@ -149,7 +164,7 @@ def summarize(data: dict) -> dict[str, dict]:
         rec, m = min(pairs, key=lambda rm: rm[0].get("window", {}).get("other_cores", 0.0))
         out.update(m)
         prefix = next(iter(m)).split(".")[0]
-        primary = f"{prefix}.{PRIMARY.get(workload.split('-')[0], '')}"
+        primary = f"{prefix}.{PRIMARY_OF.get(workload) or PRIMARY.get(workload.split('-')[0], '')}"
         if len(pairs) > 1 and primary in m:
             vals = [mm[primary] for _, mm in pairs if primary in mm]
             out[f"{primary}.spread"] = [min(vals), statistics.median(vals), max(vals)]
@@ -237,6 +252,16 @@ ROWS += [
     ("churn.sys", "churn:  sys µs/conn", "n"),
     ("churn.errors", "churn: failed cycles", "n"),
     ("churn.bound", "churn: bound (proxy/load cores)", "s"),
+    ("pchurn.cps", "paced churn: conn/s (offered: the same for all)", "n"),
+    ("pchurn.held", "paced churn: held the offered rate", "s"),
+    ("pchurn.p99", "paced churn: p99 ms/conn", "n"),
+    ("pchurn.cpu", "paced churn: CPU µs/conn", "n"),
+    ("pchurn.cpu_best", "paced churn: CPU µs/conn, best round", "n"),
+    ("pchurn.cpu_median", "paced churn: CPU µs/conn, median round", "n"),
+    ("pchurn.user", "paced churn:  user µs/conn", "n"),
+    ("pchurn.sys", "paced churn:  sys µs/conn", "n"),
+    ("pchurn.errors", "paced churn: failed cycles", "n"),
+    ("pchurn.bound", "paced churn: bound (proxy/load cores)", "s"),
     ("idle.conns", "idle: connections", "n"),
     ("idle.rss", "idle: proxy RSS MiB", "n"),
     ("idle.per_conn", "idle: KiB/conn", "n"),
@@ -284,7 +309,7 @@ def tables(data: dict) -> dict[str, str]:
             continue
         rows = []
         for key, label, kind in rows_present:
-            if kind != "n" or key == "churn.errors":
+            if kind != "n" or key.endswith(".errors"):
                 continue
             r = summary[ref].get(key)
             cells = []
@@ -315,6 +340,9 @@ HEADLINE: list[tuple[str, str]] = [
     ("bulk.cpu", "CPU s/GB, bulk"),
     ("churn.cpu", "CPU µs/connection, churn"),
     ("churn.cpu_best", "CPU µs/connection, churn, best round"),
+    ("pchurn.cpu", "CPU µs/connection, churn paced (same offered rate)"),
+    ("pchurn.user", "user CPU µs/connection, churn paced"),
+    ("pchurn.sys", "system CPU µs/connection, churn paced"),
     ("idle.per_conn", "RSS KiB/connection, idle"),
 ]
 
@@ -322,7 +350,7 @@ HEADLINE: list[tuple[str, str]] = [
 # Headline figures that are also given as the median of per-round ratios.
 PAIRED = (
     "pp50.cpu", "pp500.cpu", "pp1.p99", "paced50.cpu", "paced50.user", "paced50.sys", "bulk.cpu",
-    "churn.cpu",
+    "churn.cpu", "pchurn.cpu", "pchurn.user", "pchurn.sys",
 )
 
 
@@ -388,10 +416,12 @@ def notes(data: dict) -> list[str]:
         "CPU = the proxy's own user+sys time in the window (/proc/PID/stat); its user/sys "
         "split is pooled over the rounds (the kernel splits by scheduler ticks: one window's "
         "split is a small sample).",
-        f"paced 50: pingpong over 50 conns held at {s.get('paced_rate', 0):.0f} msg/s, below "
-        "every peer's saturation, so all do the same work in the same time: what a message "
-        "costs each proxy when none of them is the bottleneck (the closed-loop pingpongs "
-        "measure each at its own saturation, where a slower proxy also pays more wakeups).",
+        f"paced 50 / paced churn: pingpong over 50 conns held at {s.get('paced_rate', 0):.0f} "
+        f"msg/s, churn held at {s.get('paced_churn_rate', 0):.0f} conn/s: below every peer's "
+        "saturation, so all do the same work in the same time -- what a message or a "
+        "connection costs each proxy when none of them is the bottleneck (the closed-loop "
+        "runs measure each at its own saturation, where a slower proxy also pays more "
+        "wakeups).",
         "median of per-round ÷ (headline): each round's reactor figure over haproxy's in the "
         "same round (the two ran seconds apart), the median over the rounds.",
         "bound: the side whose CPU was saturated (>= 85 %): proxy, loadgen (echo + load "

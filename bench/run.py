@@ -28,7 +28,8 @@ from bench.driver import LineReader, Loadgen, RunError, free_port, pin, stop, wa
 from bench.peers import REPO_DIR, Context, Peer, all_peers, python_version
 
 WORKLOADS = [
-    "pingpong-1", "pingpong-50", "pingpong-500", "paced-50", "bulk", "churn", "idle", "syscalls",
+    "pingpong-1", "pingpong-50", "pingpong-500", "paced-50", "bulk", "churn", "paced-churn", "idle",
+    "syscalls",
 ]
 SATURATED = 0.85  # a side using this share of its CPUs (or more) is the bottleneck
 
@@ -48,6 +49,7 @@ class Settings:
     # paced-50: pingpong over 50 conns held at this many round trips/s, below every
     # peer's saturation, so all of them do the same work in the same time
     paced_rate: float = 20000.0
+    paced_churn_rate: float = 2000.0  # paced-churn: connections/s, the same way
 
 
 def settings_for(quick: bool, fd_limit: int) -> Settings:
@@ -331,6 +333,9 @@ class Harness:
         rate = None
         if workload.startswith("pingpong-"):
             mode, conns, size = "pingpong", int(workload.split("-")[1]), s.size
+        elif workload == "paced-churn":
+            mode, conns, size = "churn", s.churn_workers, 1
+            rate = s.paced_churn_rate
         elif workload.startswith("paced-"):
             mode, conns, size = "pingpong", int(workload.split("-")[1]), s.size
             rate = s.paced_rate

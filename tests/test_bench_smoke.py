@@ -289,6 +289,16 @@ def test_rate_paces_pingpong_to_the_offered_rate(tools, spawn):
     assert result["bytes_recv"] == result["count"] * 64
 
 
+def test_rate_paces_churn_to_the_offered_rate(tools, spawn):
+    (port, _, _) = echo_backends(tools, spawn)
+    ready, result = loadgen(
+        tools, "--mode", "churn", "--port", str(port), "--conns", "10",
+        "--duration", "1.0", "--warmup", "0.1", "--rate", "400",
+    )
+    assert result["errors"] == 0
+    assert 340 <= result["count"] <= 420, result
+
+
 def test_rate_must_not_be_negative(tools):
     r = subprocess.run([str(tools["loadgen"]), "--mode", "pingpong", "--port", "1", "--rate", "-5"],
                        capture_output=True, text=True, timeout=10)
@@ -309,3 +319,20 @@ def test_paced_figures_say_whether_the_peer_held_the_rate():
     assert m["paced50.user"] == pytest.approx(0.5 / 24000 * 1e6)
     rec["result"]["rate"] = 15000.0  # saturated: its cost is not at the offered rate
     assert metrics_of(rec)["paced50.held"] == "no: 15.0k/s"
+
+
+def test_paced_churn_figures():
+    from bench.report import metrics_of
+
+    rec = {
+        "peer": "p", "workload": "paced-churn", "round": 0, "params": {"rate": 2000.0},
+        "result": {"count": 2400, "rate": 1999.0, "errors": 0,
+                   "lat_us": {"p50": 100.0, "p99": 300.0, "p999": 900.0}},
+        "window": {"proxy_cpu": {"user": 0.06, "sys": 0.18}, "other_cores": 0.0,
+                   "bound": "neither", "proxy_cores": 0.2, "load_cores": 0.3},
+    }
+    m = metrics_of(rec)
+    assert m["pchurn.held"] == "yes"
+    assert m["pchurn.cpu"] == pytest.approx(100.0)  # 0.24 s over 2,400 connections
+    assert m["pchurn.user"] == pytest.approx(25.0)
+    assert m["pchurn.p99"] == pytest.approx(0.3)
