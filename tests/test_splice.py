@@ -70,8 +70,13 @@ class Gw:
         return wait_for(check, timeout=10, what="only listening sockets open")
 
     def pipe_fds(self) -> int:
-        return sum(os.readlink(f"/proc/{self.pid}/fd/{n}").startswith("pipe:")
-                   for n in os.listdir(f"/proc/{self.pid}/fd"))
+        n = 0
+        for fd in os.listdir(f"/proc/{self.pid}/fd"):
+            try:
+                n += os.readlink(f"/proc/{self.pid}/fd/{fd}").startswith("pipe:")
+            except FileNotFoundError:
+                pass  # closed since the listing (the admin connection we just asked on)
+        return n
 
     def settled(self) -> dict:
         """Splice stats once no relay is open."""
