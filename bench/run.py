@@ -581,7 +581,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--workloads",
-        help="comma-separated subset of: " + ", ".join(WORKLOADS) + " ('pingpong' = all three)",
+        help="comma-separated subset of: " + ", ".join(WORKLOADS)
+        + " ('pingpong' = its three, 'paced' = both paced ones)",
     )
     ap.add_argument("--duration", type=float, help="measured window per run, seconds")
     ap.add_argument(
