@@ -266,7 +266,6 @@ class Balancer:
         self._table_sig: tuple[tuple[str, int], ...] | None = None
         self.table_builds = 0
         self.policy = ""
-        self._pick = self._pick_random
         self._check_policy(policy)
         self.set_backends(backends)
         self.set_policy(policy)
@@ -282,9 +281,10 @@ class Balancer:
         """Switch policy; round-robin state restarts, a maglev table is built if needed."""
         self._check_policy(name)
         self.policy = name
-        # ``pick`` is the policy's method itself, set on the instance: the
-        # class's ``pick`` (its documentation) would be a call more per connection
-        self._pick = self.pick = getattr(self, "_pick_" + name)
+        # ``pick`` is the policy's method itself, set on the instance: going
+        # through the class's ``pick`` (its documentation) would be a call more
+        # per connection
+        self.pick = getattr(self, "_pick_" + name)
         for b in self.backends:
             b.current_weight = 0
             b.effective_weight = b.weight
@@ -354,8 +354,9 @@ class Balancer:
         Only backends that are ``available(now)`` and not in ``exclude`` are considered;
         the gateway passes the backends that already failed this connection when it
         retries.  ``exclude`` is tested with ``in``: pass a set for more than a couple.
+        (``set_policy`` puts the policy's ``_pick_<name>`` method here, on the instance.)
         """
-        return self._pick(client_ip, now, exclude)
+        return getattr(self, "_pick_" + self.policy)(client_ip, now, exclude)
 
     def _eligible(self, now: float, exclude: Collection[Backend]) -> list[Backend]:
         return [
