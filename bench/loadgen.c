@@ -612,9 +612,10 @@ int main(int argc, char **argv) {
         if (phase == P_CONNECT && mode == IDLE) idle_reap(now_ns());
         /* churn workers whose cycle failed (or that waited for their turn, --rate)
          * restart here, not recursively */
-        if (mode == CHURN && issuing) pace_waiting = 0;
-        if (mode == CHURN && issuing)
+        if (mode == CHURN && issuing) {
+            pace_waiting = 0;
             for (int i = 0; i < nconns; i++)
                 if (conns[i].st == C_NONE && conns[i].fd < 0 && churn_may_issue()) cycle_start(&conns[i]);
+        }
     }
 }

@@ -32,13 +32,19 @@ def _pp_metrics(rec: dict, key: str) -> dict:
         f"{key}.p999": res["lat_us"]["p999"],
         f"{key}.bound": _bound(win),
     }
-    if win["proxy_cpu"] and n:
-        out[f"{key}.cpu"] = (win["proxy_cpu"]["user"] + win["proxy_cpu"]["sys"]) / n * 1e6
-        out[f"{key}.user"] = win["proxy_cpu"]["user"] / n * 1e6
-        out[f"{key}.sys"] = win["proxy_cpu"]["sys"] / n * 1e6
+    out.update(_cpu_per(win, n, key))
     if rec.get("self_syscalls") and n:
         out[f"{key}.self"] = sum(rec["self_syscalls"].values()) / n
     return out
+
+
+def _cpu_per(win: dict, n: int, key: str) -> dict:
+    """The proxy's CPU, user and system µs per unit of work (message, connection)."""
+    if not win["proxy_cpu"] or not n:
+        return {}
+    user, sys_ = win["proxy_cpu"]["user"], win["proxy_cpu"]["sys"]
+    return {f"{key}.cpu": (user + sys_) / n * 1e6, f"{key}.user": user / n * 1e6,
+            f"{key}.sys": sys_ / n * 1e6}
 
 
 def _churn_metrics(rec: dict, key: str) -> dict:
@@ -49,11 +55,8 @@ def _churn_metrics(rec: dict, key: str) -> dict:
         f"{key}.p99": res["lat_us"]["p99"] / 1e3,
         f"{key}.errors": res["errors"],
         f"{key}.bound": _bound(win),
+        **_cpu_per(win, n, key),
     }
-    if win["proxy_cpu"] and n:
-        out[f"{key}.cpu"] = (win["proxy_cpu"]["user"] + win["proxy_cpu"]["sys"]) / n * 1e6
-        out[f"{key}.user"] = win["proxy_cpu"]["user"] / n * 1e6
-        out[f"{key}.sys"] = win["proxy_cpu"]["sys"] / n * 1e6
     return out
 
 
@@ -99,11 +102,6 @@ def metrics_of(rec: dict) -> dict:
     w = rec["workload"]
     if w.startswith("pingpong-"):
         return _pp_metrics(rec, "pp" + w.split("-")[1])
-    if w.startswith("paced-") and w != "paced-churn":
-        key = "paced" + w.split("-")[1]
-        out = _pp_metrics(rec, key)
-        out[f"{key}.held"] = _held(rec)
-        return out
     if w == "bulk":
         res, win = rec["result"], rec["window"]
         out = {"bulk.mbs": res["bytes_recv"] / res["duration_s"] / 1e6, "bulk.bound": _bound(win)}
@@ -116,6 +114,11 @@ def metrics_of(rec: dict) -> dict:
     if w == "paced-churn":
         out = _churn_metrics(rec, "pchurn")
         out["pchurn.held"] = _held(rec)
+        return out
+    if w.startswith("paced-"):
+        key = "paced" + w.split("-")[1]
+        out = _pp_metrics(rec, key)
+        out[f"{key}.held"] = _held(rec)
         return out
     if w == "idle":
         idle = rec["idle"]
