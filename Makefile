@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 APT    := DEBIAN_FRONTEND=noninteractive apt-get -y -q
 
-.PHONY: install run demo serve test soak bench bench-tools lint clean sysdeps
+.PHONY: install run demo serve test soak bench bench-tools profile lint clean sysdeps
 
 $(VENV)/.base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -67,6 +67,11 @@ bench-tools: $(VENV)/.bench
 
 bench: bench-tools
 	$(PY) -m bench $(if $(QUICK),--quick,)
+
+# Where the gateway's CPU goes, workload by workload: py-spy over each measured window
+# (bench/pyspy.py); writes bench/results/profile.md. WORKLOADS=churn,pingpong-50 to narrow.
+profile: bench-tools
+	$(PY) -m bench --profile $(if $(WORKLOADS),--workloads $(WORKLOADS),)
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check reactor tests bench

@@ -543,3 +543,43 @@ def write(data: dict, out_dir: Path) -> list[Path]:
     if not note:
         paths.append(png)
     return paths
+
+
+def _profile_unit(rec: dict) -> str:
+    """", the proxy's CPU per unit in the profiled window" for a profile's heading."""
+    m = metrics_of(rec)
+    cpu = next((k for k in m if k.endswith(".cpu")), None)
+    if cpu is None:
+        return ""
+    key = cpu.rsplit(".", 1)[0]
+    if key == "bulk":
+        return f"; proxy CPU {fmt(m[cpu])} s/GB in this window"
+    unit = "connection" if key in ("churn", "pchurn") else "msg"
+    return (f"; proxy CPU {fmt(m[cpu])} µs/{unit} in this window (user {fmt(m[key + '.user'])}, "
+            f"sys {fmt(m[key + '.sys'])})")
+
+
+def write_profile(data: dict, out_dir: Path, root: Path) -> Path:
+    """``--profile``: every profiled run's py-spy tables, in ``profile.md`` (and its JSON)."""
+    from bench import pyspy
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "profile.json").write_text(json.dumps(data, indent=1, default=str))
+    rate = data.get("profile_rate")
+    parts = [
+        f"Profiled run of {data['started']}: py-spy --nonblocking at {rate} samples/s over "
+        "each measured window, idle samples dropped (a sample is a moment on a CPU; a "
+        "syscall's kernel time counts on the line that made it). Python "
+        f"{data['python']}; {'; '.join(f'{k}: {v}' for k, v in data['versions'].items())}.",
+        "",
+    ]
+    for rec in data["runs"]:
+        if "profile" in rec:
+            title = f"{rec['workload']}: {rec['peer']} (round {rec['round'] + 1})"
+            unit = f" ({rec.get('profile_note', '')}){_profile_unit(rec)}"
+            parts.append(pyspy.markdown(title, rec["profile"], root, unit))
+        elif "error" in rec:
+            parts += [f"### {rec['workload']}: {rec['peer']}", "", f"failed: {rec['error']}", ""]
+    path = out_dir / "profile.md"
+    path.write_text("\n".join(parts))
+    return path

@@ -22,7 +22,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench import build, procstat, report
+from bench import build, procstat, pyspy, report
 from bench import strace as strace_mod
 from bench.driver import LineReader, Loadgen, RunError, free_port, pin, stop, wait_port
 from bench.peers import REPO_DIR, Context, Peer, all_peers, python_version
@@ -31,6 +31,7 @@ WORKLOADS = [
     "pingpong-1", "pingpong-50", "pingpong-500", "paced-50", "bulk", "churn", "paced-churn", "idle",
     "syscalls",
 ]
+PROFILED = [w for w in WORKLOADS if w not in ("idle", "syscalls")]  # the ones with a window
 SATURATED = 0.85  # a side using this share of its CPUs (or more) is the bottleneck
 
 
@@ -188,6 +189,8 @@ class Harness:
             self.settings.duration = args.duration
         if args.rounds:
             self.settings.rounds = args.rounds
+        if args.profile and not args.duration:
+            self.settings.duration = 4.0  # ~1,000 samples at 250/s
         self.proxy_cpus, self.load_cpus, self.cpu_note = cpu_plan()
         os.sched_setaffinity(0, self.load_cpus)
         self.workdir = Path(tempfile.mkdtemp(prefix="reactor-bench-"))
@@ -363,12 +366,25 @@ class Harness:
             rate=rate,
         ) as lg:
             rec["ready"] = lg.event("ready")
+            spy = self.profiler(proxy, workload)
             a = self.sample(proxy, lg, admin)
             lg.go()
             rec["result"] = lg.event("result")
             b = self.sample(proxy, lg, admin)
+            if spy is not None:
+                prof, rec["profile_note"] = spy.stop()
+                rec["profile"] = pyspy.to_json(prof)
             lg.go()
         self.account(rec, a, b, shares_load_cpu=peer.cpus == "all")
+
+    def profiler(self, proxy: subprocess.Popen | None, workload: str) -> pyspy.PySpy | None:
+        """With --profile, py-spy attached to a Python proxy for the window (None else)."""
+        if not self.args.profile or proxy is None or proxy.args[0] != self.ctx.python:
+            return None
+        spy = pyspy.PySpy(proxy.pid, self.workdir / f"pyspy-{workload}-{proxy.pid}.txt",
+                          self.load_cpus, rate=self.args.profile_rate)
+        spy.start()
+        return spy
 
     def account(self, rec: dict, a: dict, b: dict, shares_load_cpu: bool) -> None:
         wall = b["t"] - a["t"]
@@ -487,6 +503,8 @@ class Harness:
             workloads = [w for w in WORKLOADS if w in want or w.split("-")[0] in want]
             if not workloads:
                 raise SystemExit(f"bench: no workload matches {self.args.workloads}")
+        if self.args.profile:
+            workloads = [w for w in workloads if w in PROFILED]
         self.start_echo()
         try:
             return self._run(peers, workloads)
@@ -528,6 +546,7 @@ class Harness:
             "peers": [p.name for p in runnable],
             "descriptions": {p.name: p.description for p in runnable},
             "workloads": workloads,
+            "profile_rate": self.args.profile_rate if self.args.profile else None,
             "runs": [],
         }
         # Rounds interleave in time so a burst of foreign load on this shared machine hits
@@ -600,11 +619,30 @@ def main(argv: list[str] | None = None) -> int:
         help="checkout whose reactor package to benchmark (default: this one)",
     )
     ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy on the Python proxies over each window; writes profile.md (and not "
+        "latest.*: profiled figures are not the bench's). Default peers: reactor",
+    )
+    ap.add_argument("--profile-rate", type=int, default=250, help="py-spy samples/s (250)")
+    ap.add_argument(
         "--keep",
         action="store_true",
         help="keep the scratch directory (peer logs, configs, strace output)",
     )
     args = ap.parse_args(argv)
+    if args.profile:
+        if note := pyspy.available():
+            print(f"bench: --profile: {note}", file=sys.stderr)
+            return 2
+        if args.profile_rate <= 0:
+            ap.error("--profile-rate must be positive")
+        want = (args.workloads or "").split(",")
+        if args.workloads and not [w for w in PROFILED if w in want or w.split("-")[0] in want]:
+            ap.error(f"--profile: no windowed workload in {args.workloads} "
+                     "(idle and syscalls have no window to profile)")
+        args.peers = args.peers or "reactor"
+        args.rounds = args.rounds or 1
     try:
         harness = Harness(args)
     except build.BuildError as e:
@@ -615,6 +653,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nbench: interrupted", file=sys.stderr)
         return 130
+    if args.profile:
+        path = report.write_profile(data, args.out, harness.ctx.reactor_dir)
+        print(f"bench: wrote {path}", file=sys.stderr)
+        print(path.read_text())
+        return 0
     summary = report.summarize(data)
     data["summary"] = summary
     paths = report.write(data, args.out)  # before printing: a closed stdout must not lose them

@@ -336,3 +336,65 @@ def test_paced_churn_figures():
     assert m["pchurn.cpu"] == pytest.approx(100.0)  # 0.24 s over 2,400 connections
     assert m["pchurn.user"] == pytest.approx(25.0)
     assert m["pchurn.p99"] == pytest.approx(0.3)
+
+
+def test_pyspy_raw_parse():
+    from bench.pyspy import parse_raw
+
+    raw = (
+        "run (reactor/loop.py:378) 5\n"
+        "run (reactor/loop.py:391);_on_event (reactor/stream.py:318) 7\n"
+        "run (reactor/loop.py:391);_on_event (reactor/stream.py:297) 2\n"
+        "run (reactor/loop.py:391);_on_event (reactor/stream.py:336);"
+        "_on_event (reactor/stream.py:318) 1\n"
+        "<module> (x.py) 3\n"
+        "garbage line\n"
+    )
+    p = parse_raw(raw)
+    assert p.samples == 18
+    assert p.functions == {"run (reactor/loop.py)": 5, "_on_event (reactor/stream.py)": 10,
+                           "<module> (x.py)": 3}
+    # a recursive frame counts once towards inclusive
+    assert p.inclusive == {"run (reactor/loop.py)": 15, "_on_event (reactor/stream.py)": 10,
+                           "<module> (x.py)": 3}
+    assert p.lines == {("run", "reactor/loop.py", 378): 5,
+                       ("_on_event", "reactor/stream.py", 318): 8,
+                       ("_on_event", "reactor/stream.py", 297): 2, ("<module>", "x.py", 0): 3}
+
+
+def _bench(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_profile_without_a_windowed_workload_is_a_usage_error():
+    r = _bench("--profile", "--workloads", "idle,syscalls")
+    assert r.returncode == 2, r.stderr
+    assert "no windowed workload in idle,syscalls" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.timeout(150)
+def test_profile_shows_where_churn_spends_its_cpu(tools, tmp_path):
+    """A real profiled run: py-spy on the gateway under churn must find the connect()
+    every proxied connection makes, on the line that makes it."""
+    from bench.pyspy import available
+
+    if (note := available()) is not None:
+        pytest.skip(note)
+    r = _bench("--profile", "--workloads", "churn", "--duration", "1.5", "--out", str(tmp_path))
+    if r.returncode != 0 and ("Permission denied" in r.stdout + r.stderr
+                              or "Operation not permitted" in r.stdout + r.stderr):
+        pytest.skip(f"this machine does not let py-spy read a process: {r.stderr[-200:]}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    md = (tmp_path / "profile.md").read_text()
+    assert "### churn: reactor (round 1)" in md
+    samples = int(md.split("### churn: reactor (round 1)")[1].split()[0].replace(",", ""))
+    assert samples >= 50, md
+    assert "`err = sock.connect_ex(backend.address)`" in md
+    assert "µs/connection in this window" in md
+    # a profiled run is not the bench's figures: nothing of latest.* is written
+    assert not (tmp_path / "latest.json").exists()
+    data = json.loads((tmp_path / "profile.json").read_text())
+    run = next(r for r in data["runs"] if r["workload"] == "churn")
+    assert run["profile"]["samples"] == samples
