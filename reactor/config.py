@@ -56,6 +56,7 @@ BALANCE_POLICIES = ("random", "round_robin", "least_conn", "p2c", "maglev")
 SPLICE_MODES = ("off", "on", "auto")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 SEND_PROXY_VERSIONS = ("", "v1", "v2")
+MAX_ACCESS_LOG_BUFFER = 16 * 1024 * 1024  # held lines are memory: a sane ceiling
 WEIGHT_MIN, WEIGHT_MAX = 1, 256
 
 Address = tuple[str, int]
@@ -124,6 +125,8 @@ class GatewayConfig:
     trusted_sources: tuple[Network, ...] = ()
     proxy_timeout: float = 5.0
     access_log: bool | str = True  # True = stderr, False = off, str = file path
+    access_log_buffer: int = 0  # bytes held across turns; 0 = each turn's lines at its end
+    access_log_flush: float = 1.0  # seconds the oldest held line may wait (with a buffer)
     log_level: str = "info"
     splice: str = "auto"
     watch: bool = False
@@ -486,6 +489,8 @@ _GATEWAY: dict[str, Check] = {
     "trusted_sources": _want_networks,
     "proxy_timeout": lambda v: _want_seconds(v, zero_ok=False),
     "access_log": _want_access_log,
+    "access_log_buffer": lambda v: _want_int(v, lo=0, hi=MAX_ACCESS_LOG_BUFFER),
+    "access_log_flush": lambda v: _want_seconds(v, zero_ok=False),
     "log_level": _want_log_level,
     "splice": lambda v: _want_choice(v, SPLICE_MODES),
     "watch": _want_bool,
@@ -708,6 +713,8 @@ _CLI_GATEWAY: dict[str, tuple[str, str]] = {
     "workers": ("workers", "--workers"),
     "grace": ("grace", "--grace"),
     "access_log": ("access_log", "--access-log"),
+    "access_log_buffer": ("access_log_buffer", "--access-log-buffer"),
+    "access_log_flush": ("access_log_flush", "--access-log-flush"),
     "splice": ("splice", "--splice"),
 }
 
@@ -766,6 +773,19 @@ def add_cli_options(parser: argparse.ArgumentParser) -> None:
         help="log each finished connection to stderr, or to FILE",
     )
     g.add_argument("--no-access-log", dest="access_log", action="store_const", const=False)
+    g.add_argument(
+        "--access-log-buffer",
+        type=int,
+        metavar="BYTES",
+        help="hold up to BYTES of access lines across loop turns (nginx buffer=; default 0: "
+        "each turn's lines at its end)",
+    )
+    g.add_argument(
+        "--access-log-flush",
+        type=float,
+        metavar="SECONDS",
+        help="with a buffer: write lines held this long (nginx flush=; default 1.0)",
+    )
     g.add_argument("--splice", choices=SPLICE_MODES, help="relay with splice(2) (default auto)")
 
 

@@ -153,8 +153,10 @@ class Gateway:
         return self.config.fail_timeout_for(backend.config)  # type: ignore[attr-defined]
 
     def _open_access_log(self, cfg: Config) -> AccessLog | None:
-        dest = cfg.gateway.access_log
-        return None if dest is False else AccessLog(self.loop, dest)  # may raise OSError
+        g = cfg.gateway
+        if g.access_log is False:
+            return None
+        return AccessLog(self.loop, g.access_log, g.access_log_buffer, g.access_log_flush)  # may raise OSError
 
     def _swap_access_log(self, new: AccessLog | None) -> None:
         # a reload reopens the file, as nginx's does (logrotate moves, we follow)
