@@ -702,7 +702,8 @@ def load(path: str | os.PathLike) -> Config:
 
 # flag dest → ([gateway] key, flag as typed); argparse already parsed ints and
 # floats, the key's own check then applies the same ranges as in the file
-_CLI_GATEWAY: dict[str, tuple[str, str]] = {
+# flag dest -> ([gateway] key, flag); the supervisor hands these on to its workers
+CLI_GATEWAY: dict[str, tuple[str, str]] = {
     "balance": ("balance", "--balance"),
     "connect_timeout": ("connect_timeout", "--connect-timeout"),
     "retries": ("retries", "--retries"),
@@ -803,7 +804,7 @@ def from_cli(args: argparse.Namespace) -> Config:
         cfg = Config(source=source)
 
     gw_changes: dict[str, Any] = {}
-    for dest, (key, flag) in _CLI_GATEWAY.items():
+    for dest, (key, flag) in CLI_GATEWAY.items():
         value = getattr(args, dest, None)
         if value is None:
             continue

@@ -62,7 +62,7 @@ import urllib.request
 from typing import Any
 
 from reactor.addr import bind_error
-from reactor.config import Config
+from reactor.config import CLI_GATEWAY, Config
 from reactor.errors import UsageError
 from reactor.listener import _all_interfaces, bind_socket, format_address
 from reactor.loop import EPOLLIN, Loop
@@ -75,12 +75,10 @@ BACKOFF_MIN, BACKOFF_MAX = 0.1, 10.0
 BANNER_RE = re.compile(r"pid=(\d+) listening on (\S+(?: \S+)*?) backends=(\d+) balance=(\S+) admin=(\S+)")
 
 # flag dest -> flag, for rebuilding a worker's command line from ours
-_VALUE_FLAGS = {
-    "balance": "--balance", "connect_timeout": "--connect-timeout", "retries": "--retries",
-    "idle_timeout": "--idle-timeout", "max_connections": "--max-connections",
-    "max_connections_per_ip": "--max-connections-per-ip", "buffer_limit": "--buffer-limit",
-    "grace": "--grace", "splice": "--splice",
-}
+# every flag that sets a [gateway] key, but the two a worker gets its own way:
+# --workers (pinned to 1) and --access-log (a switch or a path, see below)
+_VALUE_FLAGS = {dest: flag for dest, (_key, flag) in CLI_GATEWAY.items()
+                if dest not in ("workers", "access_log")}
 
 
 def worker_argv(args: argparse.Namespace, listen: list[str], admin: str, slot: int) -> list[str]:

@@ -1011,3 +1011,32 @@ def test_two_gateways_with_maglev_pick_the_same_backend_per_client(spawn):
     finally:
         for s in servers:
             s.close()
+
+
+def test_every_gateway_flag_given_to_the_supervisor_reaches_its_workers():
+    """A flag the supervisor forgot to hand on would silently not apply with
+    --workers N: the worker's command line must carry every one of them."""
+    import argparse
+
+    from reactor import config as C
+    from reactor.supervisor import worker_argv
+
+    sample = {"balance": "p2c", "splice": "off", "workers": "3"}
+    argv = []
+    for dest, (_key, flag) in C.CLI_GATEWAY.items():
+        if dest != "access_log":
+            argv += [flag, sample.get(dest, "7")]
+    ap = argparse.ArgumentParser()
+    C.add_cli_options(ap)
+    args = ap.parse_args(argv + ["--access-log", "x.log", "--backend", "127.0.0.1:1"])
+    got = worker_argv(args, ["127.0.0.1:8080"], "off", 0)
+    pairs = {got[i]: got[i + 1] for i in range(4, len(got) - 1)}
+    for dest, (_key, flag) in C.CLI_GATEWAY.items():
+        if dest == "workers":
+            assert pairs[flag] == "1"  # a worker is one process
+        elif dest == "access_log":
+            assert pairs[flag] == os.path.abspath("x.log")
+        elif dest in sample:
+            assert pairs[flag] == sample[dest], flag
+        else:
+            assert float(pairs[flag]) == 7, flag
