@@ -32,6 +32,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -119,7 +120,7 @@ class PySpy:
                     return
         except RunError:  # no line before the deadline
             pass
-        self._kill()
+        self.kill()
         raise RunError(f"py-spy did not start sampling: {' '.join(seen)[-300:]}")
 
     def stop(self, timeout_s: float = 30.0) -> tuple[Profile, str]:
@@ -137,7 +138,7 @@ class PySpy:
         try:
             code = self.proc.wait(max(0.1, end - time.monotonic()))
         except subprocess.TimeoutExpired:
-            self._kill()
+            self.kill()
             raise RunError("py-spy did not finish after SIGINT") from None
         self.proc.stdout.close()
         self.proc = None
@@ -148,7 +149,8 @@ class PySpy:
         note = f"{m[2]} more samples unreadable" if m else "py-spy printed no sample count"
         return parse_raw(self.out.read_text(errors="replace")), note
 
-    def _kill(self) -> None:
+    def kill(self) -> None:
+        """Stop py-spy without its output (a run that failed); a no-op once stopped."""
         if self.proc is not None:
             self.proc.kill()
             self.proc.wait()
@@ -163,15 +165,37 @@ def to_json(prof: Profile, top: int = 40) -> dict:
         "functions": prof.functions.most_common(top),
         "inclusive": prof.inclusive.most_common(top),
         "lines": [[f, p, ln, c] for (f, p, ln), c in prof.lines.most_common(top)],
+        "all_lines": [[f, p, ln, c] for (f, p, ln), c in prof.lines.most_common()],
     }
 
 
+# A line "makes a syscall" when its source calls one of these C-level wrappers (a sample
+# on it is the syscall, kernel time included, or its argument parsing); the rest of the
+# samples are the Python between the syscalls. A heuristic for the summary line only.
+SYSCALL_LINE = re.compile(
+    r"(\b(_write|_readv|_close|_splice|_ioctl|poll|accept|os\.\w+)\(|"
+    r"\.(recv_into|recv|send|sendall|sendto|connect_ex|connect|shutdown|setsockopt|"
+    r"getsockopt|register|modify|unregister|_accept)\(|sock\.close\(\))"
+)
+
+
 def _source(root: Path, path: str, line: int) -> str:
-    try:
-        text = (root / path).read_text().splitlines()
-    except OSError:
-        return ""
-    return text[line - 1].strip() if 0 < line <= len(text) else ""
+    """The text of ``path:line``: the checkout first, then the stdlib and site-packages
+    (py-spy shortens paths to the package part: ``asyncio/selector_events.py``)."""
+    for base in (root, *(Path(p) for p in {sysconfig.get_paths()[k] for k in ("stdlib", "purelib")})):
+        try:
+            text = (base / path).read_text().splitlines()
+        except OSError:
+            continue
+        return text[line - 1].strip() if 0 < line <= len(text) else ""
+    return ""
+
+
+def syscall_share(prof: dict, root: Path) -> float:
+    """The fraction of samples on lines that make a syscall (see SYSCALL_LINE)."""
+    n = prof["samples"]
+    hit = sum(c for _f, path, ln, c in prof["all_lines"] if SYSCALL_LINE.search(_source(root, path, ln)))
+    return hit / n if n else 0.0
 
 
 def markdown(title: str, prof: dict, root: Path, per_unit: str = "", top: int = 15) -> str:
@@ -180,6 +204,13 @@ def markdown(title: str, prof: dict, root: Path, per_unit: str = "", top: int = 
     head = [f"### {title}", "", f"{n:,} samples{per_unit}.", ""]
     if not n:
         return "\n".join(head + ["(no samples: the proxy was idle or py-spy could not read it)", ""])
+    share = syscall_share(prof, root)
+    if share:
+        head += [f"On lines that make a syscall: **{100 * share:.0f}%** of the samples; the "
+                 f"Python between them: {100 * (1 - share):.0f}%.", ""]
+    else:  # uvloop: its loop and its syscalls are C, under the Python line that called in
+        head += ["No sampled line makes a syscall itself: this proxy's I/O runs inside C "
+                 "calls, on the Python line that called in.", ""]
     incl = dict(prof["inclusive"])
     rows = ["| self % | incl % | function |", "| ---: | ---: | --- |"]
     for name, c in prof["functions"][:top]:

@@ -35,6 +35,16 @@ PROFILED = [w for w in WORKLOADS if w not in ("idle", "syscalls")]  # the ones w
 SATURATED = 0.85  # a side using this share of its CPUs (or more) is the bottleneck
 
 
+def select_workloads(spec: str | None, profile: bool = False) -> list[str]:
+    """The workloads a ``--workloads`` list names ('pingpong' = all three, 'paced' = both),
+    in run order; with ``profile``, only those with a measured window."""
+    pool = PROFILED if profile else WORKLOADS
+    if not spec:
+        return list(pool)
+    want = spec.split(",")
+    return [w for w in pool if w in want or w.split("-")[0] in want]
+
+
 @dataclass(slots=True)
 class Settings:
     duration: float  # measured window of pingpong, bulk and churn, seconds
@@ -367,13 +377,17 @@ class Harness:
         ) as lg:
             rec["ready"] = lg.event("ready")
             spy = self.profiler(proxy, workload)
-            a = self.sample(proxy, lg, admin)
-            lg.go()
-            rec["result"] = lg.event("result")
-            b = self.sample(proxy, lg, admin)
-            if spy is not None:
-                prof, rec["profile_note"] = spy.stop()
-                rec["profile"] = pyspy.to_json(prof)
+            try:
+                a = self.sample(proxy, lg, admin)
+                lg.go()
+                rec["result"] = lg.event("result")
+                b = self.sample(proxy, lg, admin)
+                if spy is not None:
+                    prof, rec["profile_note"] = spy.stop()
+                    rec["profile"] = pyspy.to_json(prof)
+            finally:
+                if spy is not None:
+                    spy.kill()  # a run that failed half-way leaves no profiler behind
             lg.go()
         self.account(rec, a, b, shares_load_cpu=peer.cpus == "all")
 
@@ -497,14 +511,9 @@ class Harness:
             peers = [p for p in peers if p.name in want]
         else:
             peers = [p for p in peers if not p.optional]
-        workloads = WORKLOADS
-        if self.args.workloads:
-            want = self.args.workloads.split(",")
-            workloads = [w for w in WORKLOADS if w in want or w.split("-")[0] in want]
-            if not workloads:
-                raise SystemExit(f"bench: no workload matches {self.args.workloads}")
-        if self.args.profile:
-            workloads = [w for w in workloads if w in PROFILED]
+        workloads = select_workloads(self.args.workloads, self.args.profile)
+        if not workloads:
+            raise SystemExit(f"bench: no workload matches {self.args.workloads}")
         self.start_echo()
         try:
             return self._run(peers, workloads)
@@ -637,8 +646,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if args.profile_rate <= 0:
             ap.error("--profile-rate must be positive")
-        want = (args.workloads or "").split(",")
-        if args.workloads and not [w for w in PROFILED if w in want or w.split("-")[0] in want]:
+        if not select_workloads(args.workloads, profile=True):
             ap.error(f"--profile: no windowed workload in {args.workloads} "
                      "(idle and syscalls have no window to profile)")
         args.peers = args.peers or "reactor"

@@ -392,9 +392,25 @@ def test_profile_shows_where_churn_spends_its_cpu(tools, tmp_path):
     samples = int(md.split("### churn: reactor (round 1)")[1].split()[0].replace(",", ""))
     assert samples >= 50, md
     assert "`err = sock.connect_ex(backend.address)`" in md
+    share = float(md.split("On lines that make a syscall: **")[1].split("%")[0])
+    assert 30 <= share <= 100, md  # churn is mostly connect, close, accept and their kin
     assert "µs/connection in this window" in md
     # a profiled run is not the bench's figures: nothing of latest.* is written
     assert not (tmp_path / "latest.json").exists()
     data = json.loads((tmp_path / "profile.json").read_text())
     run = next(r for r in data["runs"] if r["workload"] == "churn")
     assert run["profile"]["samples"] == samples
+
+
+def test_workload_selection_by_name_and_family():
+    from bench.run import select_workloads
+
+    assert select_workloads("pingpong,idle") == ["pingpong-1", "pingpong-50", "pingpong-500", "idle"]
+    assert select_workloads("paced") == ["paced-50", "paced-churn"]
+    assert select_workloads("churn,syscalls") == ["churn", "syscalls"]
+    assert select_workloads("pingpong,idle", profile=True) == ["pingpong-1", "pingpong-50",
+                                                              "pingpong-500"]
+    assert select_workloads("idle,syscalls", profile=True) == []
+    assert select_workloads(None, profile=True) == ["pingpong-1", "pingpong-50", "pingpong-500",
+                                                    "paced-50", "bulk", "churn", "paced-churn"]
+    assert select_workloads("nosuch") == []
