@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import time
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from reactor.accesslog import AccessLog
 from reactor.errors import UsageError
 from reactor.loop import Loop
+from tests.helpers import recv_all
 
 LINE = re.compile(
     r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} event=access client=(\S+) backend=(\S+) "
@@ -119,15 +121,10 @@ def test_a_full_buffer_writes_at_once_and_close_writes_the_rest(loop, tmp_path):
 
 
 def _exchange(addr) -> bytes:
-    import socket
-
     with socket.create_connection(addr, timeout=5) as c:
         c.sendall(b"hi")
         c.shutdown(socket.SHUT_WR)
-        got = b""
-        while chunk := c.recv(100):
-            got += chunk
-        return got
+        return recv_all(c)
 
 
 def test_held_lines_are_written_on_reload_and_on_sigterm(spawn, tmp_path):
