@@ -60,6 +60,19 @@ def _churn_metrics(rec: dict, key: str) -> dict:
     return out
 
 
+def _strace_metrics(rec: dict, key: str, n: int, top: int) -> dict:
+    """Syscalls per unit (message, connection) by strace and by our own counters, and
+    the ``top`` most frequent."""
+    out = {}
+    if rec.get("strace") and n:
+        out[f"{key}.total"] = sum(c["calls"] for c in rec["strace"].values()) / n
+        most = sorted(rec["strace"].items(), key=lambda kv: -kv[1]["calls"])[:top]
+        out[f"{key}.mix"] = ", ".join(f"{k} {c['calls'] / n:.2f}" for k, c in most)
+    if rec.get("self_syscalls") and n:
+        out[f"{key}.self"] = sum(rec["self_syscalls"].values()) / n
+    return out
+
+
 def _held(rec: dict) -> str:
     """A paced run: did the peer keep up with the offered rate? One that could not ran
     saturated, and its figures are not "the same work in the same time" as the others'."""
@@ -129,17 +142,13 @@ def metrics_of(rec: dict) -> dict:
         return out
     if w == "syscalls":
         n = rec["result"]["count"]
-        out = {}
+        out = _strace_metrics(rec, "sys", n, 3)
         if rec.get("strace") and n:
-            total = sum(c["calls"] for c in rec["strace"].values())
-            out["sys.total"] = total / n
             for g, v in _classify(rec["strace"]).items():
                 out[f"sys.{g}"] = v / n
-            top = sorted(rec["strace"].items(), key=lambda kv: -kv[1]["calls"])[:3]
-            out["sys.mix"] = ", ".join(f"{k} {c['calls'] / n:.2f}" for k, c in top)
-        if rec.get("self_syscalls") and n:
-            out["sys.self"] = sum(rec["self_syscalls"].values()) / n
         return out
+    if w == "syscalls-churn":
+        return _strace_metrics(rec, "csys", rec["result"]["count"], 6)
     return {}
 
 
@@ -276,6 +285,9 @@ ROWS += [
     ("sys.other", " other/msg", "n"),
     ("sys.mix", " most frequent", "s"),
     ("sys.self", "syscalls/msg (own counters)", "n"),
+    ("csys.total", "churn: syscalls/connection (strace)", "n"),
+    ("csys.mix", " most frequent", "s"),
+    ("csys.self", "churn: syscalls/connection (own counters)", "n"),
 ]
 
 
@@ -343,6 +355,7 @@ HEADLINE: list[tuple[str, str]] = [
     ("bulk.cpu", "CPU s/GB, bulk"),
     ("churn.cpu", "CPU µs/connection, churn"),
     ("churn.cpu_best", "CPU µs/connection, churn, best round"),
+    ("csys.total", "syscalls per connection, churn (strace)"),
     ("pchurn.cpu", "CPU µs/connection, churn paced (same offered rate)"),
     ("pchurn.user", "user CPU µs/connection, churn paced"),
     ("pchurn.sys", "system CPU µs/connection, churn paced"),
@@ -414,7 +427,9 @@ def notes(data: dict) -> list[str]:
         f"windows: {s['duration']} s after {s['warmup']} s warm-up, {s['rounds']} round(s): each "
         "figure is from the pair's least-disturbed window (least CPU used outside the bench); "
         f"idle {s['idle_conns']} conns; "
-        f"syscalls: {s['strace_count']} msgs at {s['strace_conns']} conns under strace -c -f",
+        f"syscalls: {s['strace_count']} msgs at {s['strace_conns']} conns under strace -c -f"
+        + (f", and {s['strace_churn_count']} churn cycles (50 workers)"
+           if "strace_churn_count" in s else ""),
         "msg = one round trip (64 B request + its echo: two forwarded messages). "
         "CPU = the proxy's own user+sys time in the window (/proc/PID/stat); its user/sys "
         "split is pooled over the rounds (the kernel splits by scheduler ticks: one window's "

@@ -29,14 +29,16 @@ from bench.peers import REPO_DIR, Context, Peer, all_peers, python_version
 
 WORKLOADS = [
     "pingpong-1", "pingpong-50", "pingpong-500", "paced-50", "bulk", "churn", "paced-churn", "idle",
-    "syscalls",
+    "syscalls", "syscalls-churn",
 ]
-PROFILED = [w for w in WORKLOADS if w not in ("idle", "syscalls")]  # the ones with a window
+ONCE = ("idle", "syscalls", "syscalls-churn")  # exact counts: one sample each, no window
+PROFILED = [w for w in WORKLOADS if w not in ONCE]  # the ones with a window
 SATURATED = 0.85  # a side using this share of its CPUs (or more) is the bottleneck
 
 
 def select_workloads(spec: str | None, profile: bool = False) -> list[str]:
-    """The workloads a ``--workloads`` list names ('pingpong' = all three, 'paced' = both),
+    """The workloads a ``--workloads`` list names ('pingpong' = all three, 'paced' and
+    'syscalls' = both of theirs),
     in run order; with ``profile``, only those with a measured window."""
     pool = PROFILED if profile else WORKLOADS
     if not spec:
@@ -61,6 +63,7 @@ class Settings:
     # peer's saturation, so all of them do the same work in the same time
     paced_rate: float = 20000.0
     paced_churn_rate: float = 2000.0  # paced-churn: connections/s, the same way
+    strace_churn_count: int = 3000  # syscalls-churn: connection cycles under strace
 
 
 def settings_for(quick: bool, fd_limit: int) -> Settings:
@@ -68,7 +71,8 @@ def settings_for(quick: bool, fd_limit: int) -> Settings:
     idle_cap = max(100, (fd_limit - 256) // 2)
     if quick:
         return Settings(
-            duration=0.5, warmup=0.15, rounds=1, idle_conns=min(2000, idle_cap), strace_count=2000
+            duration=0.5, warmup=0.15, rounds=1, idle_conns=min(2000, idle_cap), strace_count=2000,
+            strace_churn_count=1000,
         )
     return Settings(
         duration=1.2, warmup=0.3, rounds=5, idle_conns=min(10000, idle_cap), strace_count=5000
@@ -303,10 +307,10 @@ class Harness:
 
     def run_pair(self, peer: Peer, workload: str) -> dict:
         rec: dict = {"peer": peer.name, "workload": workload}
-        if peer.is_direct and workload in ("idle", "syscalls"):
+        if peer.is_direct and workload in ONCE:
             rec["skipped"] = "no proxy to measure"
             return rec
-        if workload == "syscalls" and (note := strace_mod.available()):
+        if workload.startswith("syscalls") and (note := strace_mod.available()):
             rec["skipped"] = note
             return rec
         proxy = None
@@ -318,8 +322,8 @@ class Harness:
                 proxy, port, admin = self.start_peer(peer, workload)
             if workload == "idle":
                 self.run_idle(rec, proxy, port)
-            elif workload == "syscalls":
-                self.run_syscalls(rec, proxy, port, admin)
+            elif workload.startswith("syscalls"):
+                self.run_syscalls(rec, proxy, port, admin, churn=workload == "syscalls-churn")
             else:
                 self.run_window(rec, peer, workload, proxy, port, admin)
         except RunError as e:
@@ -464,20 +468,21 @@ class Harness:
             "connect_s": rec["ready"]["connect_s"],
         }
 
-    def run_syscalls(self, rec, proxy, port, admin) -> None:
+    def run_syscalls(self, rec, proxy, port, admin, churn: bool = False) -> None:
+        """strace -c over a fixed count of pingpong messages (50 conns), or with ``churn``
+        of churn cycles (connect, 1-byte round trip, close: 50 workers)."""
         s = self.settings
-        rec["params"] = {
-            "mode": "pingpong",
-            "conns": s.strace_conns,
-            "size": s.size,
-            "count": s.strace_count,
-        }
+        if churn:
+            mode, conns, size, count = "churn", s.churn_workers, 1, s.strace_churn_count
+        else:
+            mode, conns, size, count = "pingpong", s.strace_conns, s.size, s.strace_count
+        rec["params"] = {"mode": mode, "conns": conns, "size": size, "count": count}
         with self.loadgen(
-            "pingpong",
+            mode,
             port,
-            s.strace_conns,
-            count=s.strace_count,
-            size=s.size,
+            conns,
+            count=count,
+            size=size,
             warmup=s.warmup,
             timeout=180,
         ) as lg:
@@ -566,7 +571,7 @@ class Harness:
             for r in range(self.settings.rounds)
             for w in workloads
             for p in runnable
-            if r == 0 or w not in ("idle", "syscalls")
+            if r == 0 or w not in ONCE
         ]
         # what the rest of the machine was doing just before we started (it is shared)
         t0_ticks = procstat.cpu_ticks()
@@ -610,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--workloads",
         help="comma-separated subset of: " + ", ".join(WORKLOADS)
-        + " ('pingpong' = its three, 'paced' = both paced ones)",
+        + " ('pingpong' = its three, 'paced' = both paced ones, 'syscalls' = both strace ones)",
     )
     ap.add_argument("--duration", type=float, help="measured window per run, seconds")
     ap.add_argument(

@@ -419,10 +419,30 @@ def test_workload_selection_by_name_and_family():
 
     assert select_workloads("pingpong,idle") == ["pingpong-1", "pingpong-50", "pingpong-500", "idle"]
     assert select_workloads("paced") == ["paced-50", "paced-churn"]
-    assert select_workloads("churn,syscalls") == ["churn", "syscalls"]
+    assert select_workloads("churn,syscalls") == ["churn", "syscalls", "syscalls-churn"]
+    assert select_workloads("syscalls-churn") == ["syscalls-churn"]
     assert select_workloads("pingpong,idle", profile=True) == ["pingpong-1", "pingpong-50",
                                                               "pingpong-500"]
     assert select_workloads("idle,syscalls", profile=True) == []
+    assert select_workloads("syscalls-churn", profile=True) == []
     assert select_workloads(None, profile=True) == ["pingpong-1", "pingpong-50", "pingpong-500",
                                                     "paced-50", "bulk", "churn", "paced-churn"]
     assert select_workloads("nosuch") == []
+
+
+def test_churn_syscalls_per_connection():
+    from bench.report import metrics_of
+
+    rec = {
+        "peer": "p", "workload": "syscalls-churn", "round": 0,
+        "result": {"count": 1000},
+        "strace": {"epoll_ctl": {"calls": 4000, "errors": 0},
+                   "connect": {"calls": 1000, "errors": 1000},
+                   "close": {"calls": 2000, "errors": 0},
+                   "accept4": {"calls": 1020, "errors": 20}},
+        "self_syscalls": {"epoll_ctl": 4000, "connect": 1000, "close": 2000, "accept": 1020,
+                          "epoll_wait": 50},
+    }
+    m = metrics_of(rec)
+    assert m == {"csys.total": pytest.approx(8.02), "csys.self": pytest.approx(8.07),
+                 "csys.mix": "epoll_ctl 4.00, close 2.00, accept4 1.02, connect 1.00"}
