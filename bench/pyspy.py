@@ -27,6 +27,7 @@ with the profiler attached and writes ``profile.md`` beside the results. Part of
 
 from __future__ import annotations
 
+import functools
 import re
 import shutil
 import signal
@@ -159,13 +160,13 @@ class PySpy:
 
 
 def to_json(prof: Profile, top: int = 40) -> dict:
-    """The part of a profile the results keep (the heads of its three rankings)."""
+    """The part of a profile the results keep (the heads of the function rankings)."""
     return {
         "samples": prof.samples,
         "functions": prof.functions.most_common(top),
         "inclusive": prof.inclusive.most_common(top),
-        "lines": [[f, p, ln, c] for (f, p, ln), c in prof.lines.most_common(top)],
-        "all_lines": [[f, p, ln, c] for (f, p, ln), c in prof.lines.most_common()],
+        # every line, hottest first: the syscall share needs all of them, the table its head
+        "lines": [[f, p, ln, c] for (f, p, ln), c in prof.lines.most_common()],
     }
 
 
@@ -179,22 +180,27 @@ SYSCALL_LINE = re.compile(
 )
 
 
-def _source(root: Path, path: str, line: int) -> str:
-    """The text of ``path:line``: the checkout first, then the stdlib and site-packages
-    (py-spy shortens paths to the package part: ``asyncio/selector_events.py``)."""
+@functools.lru_cache(maxsize=256)
+def _file_lines(root: Path, path: str) -> tuple[str, ...]:
+    """``path`` from the checkout first, then the stdlib and site-packages (py-spy
+    shortens paths to the package part: ``asyncio/selector_events.py``)."""
     for base in (root, *(Path(p) for p in {sysconfig.get_paths()[k] for k in ("stdlib", "purelib")})):
         try:
-            text = (base / path).read_text().splitlines()
+            return tuple((base / path).read_text().splitlines())
         except OSError:
             continue
-        return text[line - 1].strip() if 0 < line <= len(text) else ""
-    return ""
+    return ()
+
+
+def _source(root: Path, path: str, line: int) -> str:
+    text = _file_lines(root, path)
+    return text[line - 1].strip() if 0 < line <= len(text) else ""
 
 
 def syscall_share(prof: dict, root: Path) -> float:
     """The fraction of samples on lines that make a syscall (see SYSCALL_LINE)."""
     n = prof["samples"]
-    hit = sum(c for _f, path, ln, c in prof["all_lines"] if SYSCALL_LINE.search(_source(root, path, ln)))
+    hit = sum(c for _f, path, ln, c in prof["lines"] if SYSCALL_LINE.search(_source(root, path, ln)))
     return hit / n if n else 0.0
 
 

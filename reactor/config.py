@@ -701,8 +701,8 @@ def load(path: str | os.PathLike) -> Config:
 # --- command line ---------------------------------------------------------
 
 # flag dest → ([gateway] key, flag as typed); argparse already parsed ints and
-# floats, the key's own check then applies the same ranges as in the file
-# flag dest -> ([gateway] key, flag); the supervisor hands these on to its workers
+# floats, the key's own check then applies the same ranges as in the file. The
+# supervisor hands every one of them on to its workers.
 CLI_GATEWAY: dict[str, tuple[str, str]] = {
     "balance": ("balance", "--balance"),
     "connect_timeout": ("connect_timeout", "--connect-timeout"),
